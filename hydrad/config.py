@@ -258,6 +258,16 @@ def _describe(tp: Any) -> str:
 _NO = object()
 
 
+def _show(value: Any) -> str:
+    """A value as the operator wrote it in TOML (``true``, ``"x"``), not as Python prints it."""
+    import json
+
+    try:
+        return json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     """Return the value as type ``tp``, or ``_NO`` after recording a problem."""
     origin = get_origin(tp)
@@ -282,7 +292,7 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         for i, item in enumerate(value):
             out = _coerce(item, item_tp, f"{path}[{i}]", problems)
             if out is _NO:
-                problems.append(f"{path}[{i}] = {item!r}: expected {_describe(item_tp)}")
+                problems.append(f"{path}[{i}] = {_show(item)}: expected {_describe(item_tp)}")
             else:
                 items.append(out)
         return tuple(items)
@@ -320,7 +330,7 @@ def _build(cls: type, table: dict[str, Any], prefix: str, problems: list[str]) -
         out = _coerce(value, tp, path, problems)
         if out is _NO:
             if len(problems) == before:
-                problems.append(f"{path} = {value!r}: expected {_describe(tp)}")
+                problems.append(f"{path} = {_show(value)}: expected {_describe(tp)}")
             continue
         check = fields[key].metadata.get("check")
         if check is not None and out is not None:
@@ -329,7 +339,7 @@ def _build(cls: type, table: dict[str, Any], prefix: str, problems: list[str]) -
             except TypeError:
                 ok = True  # the check is for the other member of a union (e.g. latency name vs seconds)
             if not ok:
-                problems.append(f"{path} = {value!r}: expected {fields[key].metadata['allowed']}")
+                problems.append(f"{path} = {_show(value)}: expected {fields[key].metadata['allowed']}")
                 continue
         kwargs[key] = out
     return cls(**kwargs)
@@ -340,13 +350,13 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
     roster = C.VOICE_ROSTERS[cfg.hydra.model]
     if voice is not None and voice not in roster and voice != C.DEFAULT_VOICE:
         problems.append(
-            f"session.voice = {voice!r}: not a voice of model {cfg.hydra.model!r}; "
+            f"session.voice = {_show(voice)}: not a voice of model {cfg.hydra.model!r}; "
             f"allowed: {', '.join(roster)} (or omit it for the service default {C.DEFAULT_VOICE!r})"
         )
     if cfg.audio.frame_ms % cfg.audio.block_ms:
         problems.append(f"audio.frame_ms = {cfg.audio.frame_ms}: must be a multiple of audio.block_ms ({cfg.audio.block_ms})")
     if cfg.control.enabled and not cfg.control.socket.startswith("/"):
-        problems.append(f"control.socket = {cfg.control.socket!r}: expected an absolute path")
+        problems.append(f"control.socket = {_show(cfg.control.socket)}: expected an absolute path")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
