@@ -143,6 +143,8 @@ class Daemon(EngineHandlers):
             end = await self._one_session(conv)
             self.last_end = end
             await self._apply(conv, conv.on_disconnected(end.detail, end.code))
+            if end.kind == "shutdown":
+                await trio.sleep_forever()
             healthy = conv.configured and time.monotonic() - t0 >= rc.healthy_after_s
             log.warning("session_ended", kind=end.kind, code=end.code, detail=end.detail, session_id=conv.session_id,
                         healthy=healthy)
@@ -190,9 +192,9 @@ class Daemon(EngineHandlers):
                     sn.start_soon(self._handshake_watchdog, conv, sn.cancel_scope)
                     sn.start_soon(self._keepalive, ws, sn.cancel_scope)
                     sn.start_soon(supervise, "uplink", lambda: self._uplink(ws, conv))
-                close_code = ws.closed.code if ws.closed is not None else None
+                close_code = int(ws.closed.code) if ws.closed is not None else None
         except trio_websocket.ConnectionClosed as exc:
-            close_code = exc.reason.code if exc.reason else None
+            close_code = int(exc.reason.code) if exc.reason else None
             exc_seen = exc
         except (trio_websocket.HandshakeError, OSError, trio.BrokenResourceError) as exc:
             exc_seen = exc

@@ -465,24 +465,34 @@ class Conversation:
                                   latency_ms=latency))
         if done:
             r.playback_drained = True
+            out += self._maybe_barge_in(r)
             out += self._maybe_report(r)
         return out
 
     def on_flushed(self, response_id: str | None, dropped_samples: int, t_received: float, t_silent: float) -> list[Effect]:
+        """The engine confirmed a flush: record when the cut response went silent."""
         out: list[Effect] = []
         for r in self.responses.values():
-            if r.flushed and r.barge_in is not None and r.barge_in.get("stop_ms") is None and not r.reported:
+            if r.flushed and r.barge_in is not None and r.barge_in.get("stop_ms") is None:
                 r.barge_in["stop_ms"] = round((t_silent - r.barge_in["t"]) * 1000, 1)
                 r.barge_in["dropped_samples"] = dropped_samples
-                r.playback_drained = True
-                heard_s = r.heard_samples / r.device_rate if r.device_rate else None
-                out.append(self._emit(
-                    "barge_in", response_id=r.response_id, trigger=r.barge_in["trigger"],
-                    heard_samples=r.heard_samples, heard_s=heard_s, dropped_samples=dropped_samples,
-                    stop_ms=r.barge_in["stop_ms"],
-                ))
+                if r.first_audible_t is None:  # the engine never played any of it: nothing more will come
+                    r.playback_drained = True
+                out += self._maybe_barge_in(r)
                 out += self._maybe_report(r)
         return out
+
+    def _maybe_barge_in(self, r: ResponseState) -> list[Effect]:
+        """``barge_in`` needs both the flush confirmation and the final played count."""
+        b = r.barge_in
+        if b is None or b.get("stop_ms") is None or b.get("reported") or not r.playback_drained:
+            return []
+        b["reported"] = True
+        return [self._emit(
+            "barge_in", response_id=r.response_id, trigger=b["trigger"], heard_samples=r.heard_samples,
+            heard_s=round(r.heard_samples / r.device_rate, 3) if r.device_rate else 0.0,
+            dropped_samples=b["dropped_samples"], stop_ms=b["stop_ms"],
+        )]
 
     def on_playback_lost(self) -> list[Effect]:
         """The engine died: whatever it had queued is gone; close the books on it."""
@@ -490,6 +500,7 @@ class Conversation:
         for r in list(self.responses.values()):
             if not r.playback_drained:
                 r.playback_drained = True
+                out += self._maybe_barge_in(r)
                 out += self._maybe_report(r)
         return out
 
@@ -510,7 +521,7 @@ class Conversation:
             return []
         if r.has_audio and not r.playback_drained:
             return []
-        if r.barge_in is not None and r.barge_in.get("stop_ms") is None and r.has_audio and not r.playback_drained:
+        if r.barge_in is not None and r.has_audio and not r.barge_in.get("reported"):
             return []
         r.reported = True
         return [self._emit("response_done", response_id=r.response_id, status=r.status, reason=r.reason,
@@ -531,7 +542,8 @@ class Conversation:
             "status": r.status,
             "reason": r.reason,
             "barge_in_trigger": r.barge_in["trigger"] if r.barge_in else None,
-            "barge_in_stop_ms": r.barge_in["stop_ms"] if r.barge_in else None,
+            "barge_in_stop_ms": r.barge_in.get("stop_ms") if r.barge_in else None,
+            "cut_by_barge_in": r.barge_in is not None,
             "late_deltas_dropped": r.dropped_deltas,
             "tool_calls": [{k: v for k, v in c.items() if k != "started"} for c in r.tool_calls],
         }
