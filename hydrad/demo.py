@@ -148,9 +148,7 @@ async def run_demo(out_dir: str = "demo-out", quiet: bool = False, *, timeout_s:
         await trio.sleep(0.3)
         daemon.request_stop()
         with trio.move_on_after(5):
-            while daemon.state != "stopping":
-                await trio.sleep(0.05)
-        await trio.sleep(0.5)
+            await daemon.stopped.wait()
         nursery.cancel_scope.cancel()
     t0 = daemon.mic_t0 or (timeline.events[0].t if timeline.events else 0.0)
     timeline.render(t0, sys.stdout)

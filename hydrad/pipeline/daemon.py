@@ -94,6 +94,8 @@ class Daemon(EngineHandlers):
         self._session_nursery: trio.Nursery | None = None
         self._session_scope: trio.CancelScope | None = None
         self._stop = trio.Event()
+        #: set once the graceful shutdown finished (mic stopped, response cancelled, socket closed)
+        self.stopped = trio.Event()
         self._flush_acked = 0
         self._flush_ack_lot = trio.lowlevel.ParkingLot()
         self._last_flush_seq = 0
@@ -129,6 +131,7 @@ class Daemon(EngineHandlers):
                 with trio.move_on_after(1.5):
                     await self.ws.aclose(code=C.CLOSE_NORMAL, reason="hydrad shutting down")
             await self.engine.stop()
+        self.stopped.set()
         log.info("shutdown_done")
 
     # ================================================================ sessions
