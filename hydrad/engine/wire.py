@@ -35,11 +35,11 @@ MAX_PAYLOAD = 8 * 1024 * 1024
 
 class Kind(enum.IntEnum):
     # daemon -> engine
-    CONFIG = 1          # {"backend", "options", "frame_ms", "block_ms"}; first message, once
+    CONFIG = 1          # {"backend", "options", "frame_ms", "block_ms", "fade_ms", ...}; first message, once
     OUTPUT_FORMAT = 2   # {"rate"}: the session's output rate for following PLAYs
     PLAY = 3            # binary, see module doc
     FLUSH = 4           # {"seq", "reason"} -> FLUSHED
-    GATE = 5            # {"open": bool}: the uplink gate opened/closed (wav mic schedules start on it)
+    GATE = 5            # {"open": bool, "t0": monotonic}: uplink gate; wav mic schedules run from t0
     DUCK = 6            # {"gain": float}: scale playback (the echo guard ducks while it decides)
     PING = 7            # {"seq"} -> PONG
     STOP = 8            # {}: drain nothing, close devices, exit 0
@@ -84,7 +84,9 @@ def encode_json(kind: Kind, obj: dict[str, Any] | None = None) -> bytes:
 
 
 def encode_play(response_id: str, pcm: bytes) -> bytes:
-    rid = response_id.encode()[:255]
+    rid = response_id.encode()
+    if len(rid) > 255:  # never truncate: a changed id would not match in PLAYED reports
+        raise WireError(f"response id of {len(rid)} bytes exceeds 255")
     return encode(Kind.PLAY, bytes([len(rid)]) + rid + pcm)
 
 
@@ -94,7 +96,11 @@ def decode_play(payload: bytes) -> tuple[str, bytes]:
     n = payload[0]
     if len(payload) < 1 + n or (len(payload) - 1 - n) % 2:
         raise WireError("PLAY payload is truncated or has an odd PCM byte count")
-    return payload[1 : 1 + n].decode(errors="replace"), payload[1 + n :]
+    try:
+        rid = payload[1 : 1 + n].decode()
+    except UnicodeDecodeError:
+        raise WireError("PLAY response id is not UTF-8") from None
+    return rid, payload[1 + n :]
 
 
 def encode_capture(t_adc: float, pcm: bytes) -> bytes:
@@ -133,20 +139,25 @@ class Decoder:
 
 
 def read_message(stream: Any) -> Message | None:
-    """Blocking read of one message from a binary file object (the engine's stdin); None at EOF."""
+    """Blocking read of one message from a binary file object; None at a clean EOF.
+
+    The header is validated before the payload is read, so garbage cannot make the reader
+    wait for megabytes that will never come; a frame cut off by EOF is an error, not an end.
+    """
     header = _read_exact(stream, HEADER.size)
     if header is None:
         return None
     kind, length = HEADER.unpack(header)
     if length > MAX_PAYLOAD:
         raise WireError(f"frame length {length} exceeds {MAX_PAYLOAD}")
-    payload = _read_exact(stream, length) if length else b""
-    if payload is None:
-        return None
     try:
-        return Message(Kind(kind), payload)
+        k = Kind(kind)
     except ValueError:
         raise WireError(f"unknown frame kind {kind}") from None
+    payload = _read_exact(stream, length) if length else b""
+    if payload is None:
+        raise WireError(f"{k.name} frame truncated by end of stream")
+    return Message(k, payload)
 
 
 def _read_exact(stream: Any, n: int) -> bytes | None:
