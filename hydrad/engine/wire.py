@@ -113,6 +113,17 @@ def decode_capture(payload: bytes) -> tuple[float, bytes]:
     return ADC_TIME.unpack_from(payload)[0], payload[ADC_TIME.size :]
 
 
+def _parse_header(buf: bytes | bytearray) -> tuple[Kind, int]:
+    """Validate a header before any payload is awaited: garbage fails here, not after 8 MiB."""
+    kind, length = HEADER.unpack_from(buf)
+    if length > MAX_PAYLOAD:
+        raise WireError(f"frame length {length} exceeds {MAX_PAYLOAD}")
+    try:
+        return Kind(kind), length
+    except ValueError:
+        raise WireError(f"unknown frame kind {kind}") from None
+
+
 class Decoder:
     """Incremental decoder: feed bytes as they arrive, iterate complete messages."""
 
@@ -123,13 +134,7 @@ class Decoder:
         self._buf += data
         out: list[Message] = []
         while len(self._buf) >= HEADER.size:
-            kind, length = HEADER.unpack_from(self._buf)
-            if length > MAX_PAYLOAD:
-                raise WireError(f"frame length {length} exceeds {MAX_PAYLOAD}")
-            try:
-                k = Kind(kind)
-            except ValueError:
-                raise WireError(f"unknown frame kind {kind}") from None
+            k, length = _parse_header(self._buf)
             end = HEADER.size + length
             if len(self._buf) < end:
                 break
@@ -147,13 +152,7 @@ def read_message(stream: Any) -> Message | None:
     header = _read_exact(stream, HEADER.size)
     if header is None:
         return None
-    kind, length = HEADER.unpack(header)
-    if length > MAX_PAYLOAD:
-        raise WireError(f"frame length {length} exceeds {MAX_PAYLOAD}")
-    try:
-        k = Kind(kind)
-    except ValueError:
-        raise WireError(f"unknown frame kind {kind}") from None
+    k, length = _parse_header(header)
     payload = _read_exact(stream, length) if length else b""
     if payload is None:
         raise WireError(f"{k.name} frame truncated by end of stream")
