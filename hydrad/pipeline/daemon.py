@@ -101,6 +101,8 @@ class Daemon(EngineHandlers):
         self._last_flush_seq = 0
         self._reconfigure = trio.Event()
         self.uplink_latency_ms: collections.deque[float] = collections.deque(maxlen=500)
+        #: the debug recorder's taps (hydrad.observe.recorder.Recorder), when recording is on
+        self.recorder: Any = None
 
     # ================================================================ lifecycle
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -381,10 +383,14 @@ class Daemon(EngineHandlers):
             if r is None or r.flushed:
                 self.counters["playback_chunks_dropped_flushed"] += 1
                 continue
+            if self.recorder is not None and conv is not None:
+                self.recorder.on_play(response_id, pcm, conv.output_rate)
             await self.engine.play(response_id, pcm)
 
     # ================================================================ engine handlers
     def on_capture(self, t_adc: float, pcm: bytes) -> None:
+        if self.recorder is not None:
+            self.recorder.on_capture(t_adc, pcm)
         if not self.gate_open:
             self.counters["capture_frames_gated"] += 1
             return
@@ -403,6 +409,8 @@ class Daemon(EngineHandlers):
                                          int(info.get("samples", 0)), int(info.get("rate", 0) or 0), bool(info.get("done"))))
 
     def on_flushed(self, info: dict[str, Any]) -> None:
+        if self.recorder is not None:
+            self.recorder.on_flush(info.get("response_id"), info.get("t_silent"), int(info.get("dropped_samples", 0)))
         self._flush_acked = max(self._flush_acked, int(info.get("seq", 0)))
         self._flush_ack_lot.unpark_all()
         conv = self.conversation
@@ -439,6 +447,12 @@ class Daemon(EngineHandlers):
                     await self._flush_ack_lot.park()
                 flushed = True
         return {**info, "flushed": flushed}
+
+    def observe_gauges(self) -> dict[str, float]:
+        """Live queue depths for the metrics (hydrad.observe.metrics.Metrics.for_daemon)."""
+        return {"uplink_backlog_frames": len(self._uplink_q),
+                "playback_queue_chunks": self._play_send.statistics().current_buffer_used,
+                "muted": 1 if self.muted else 0}
 
     def mute(self) -> dict[str, Any]:
         self.muted = True

@@ -91,6 +91,7 @@ class ResponseState:
     created_t: float
     user_item_id: str | None
     speech_stopped_t: float | None
+    user_speech_ms: float | None = None
     server_done: bool = False
     status: str | None = None
     reason: str | None = None
@@ -156,7 +157,7 @@ class Conversation:
         self.user_speaking = False
         self.speech_started_t: float | None = None
         self.speech_stopped_t: float | None = None
-        self.last_user_audio_ms: tuple[int, int] | None = None
+        self._speech_start_ms: int | None = None
         self.tool_turn: ToolTurn | None = None
         self._debounce_counter = 0
         self.counters: dict[str, int] = {}
@@ -246,6 +247,7 @@ class Conversation:
         self.user_speaking = True
         self.current_user_item = ev.item_id
         self.speech_started_t = self.clock()
+        self._speech_start_ms = ev.audio_start_ms
         out: list[Effect] = []
         busy = [r for r in (self.audible() + ([self.in_flight] if self.in_flight else [])) if not r.flushed]
         busy = list({id(r): r for r in busy}.values())
@@ -259,6 +261,9 @@ class Conversation:
     def _on_SpeechStopped(self, ev: S.SpeechStopped) -> list[Effect]:
         self.user_speaking = False
         self.speech_stopped_t = self.clock()
+        start = self._speech_start_ms
+        if start is not None and ev.audio_end_ms >= start:
+            self.last_user_audio_ms = (start, ev.audio_end_ms)
         return [self._emit("speech_stopped", item_id=ev.item_id, audio_end_ms=ev.audio_end_ms)]
 
     def _on_ItemAdded(self, ev: S.ItemAdded) -> list[Effect]:
@@ -286,7 +291,8 @@ class Conversation:
         out += self._flush("response_created", stale)
         is_narration = self.tool_turn is not None and self.tool_turn.create_sent
         self.responses[ev.response_id] = ResponseState(
-            ev.response_id, self.clock(), self.current_user_item, self.speech_stopped_t)
+            ev.response_id, self.clock(), self.current_user_item, self.speech_stopped_t,
+            float(self.last_user_audio_ms[1] - self.last_user_audio_ms[0]) if self.last_user_audio_ms else None)
         self.order.append(ev.response_id)
         if len(self.order) > 64:  # bounded memory over a long session
             for rid in self.order[:-64]:
@@ -534,6 +540,7 @@ class Conversation:
         rate = self.output_rate or 24000
         return {
             "user_item_id": r.user_item_id,
+            "user_speech_ms": r.user_speech_ms,
             "end_of_speech_to_first_delta_ms": ms(r.speech_stopped_t, r.first_delta_t),
             "end_of_speech_to_first_audible_ms": ms(r.speech_stopped_t, r.first_audible_t),
             "response_audio_s": round(r.received_samples / rate, 3),
