@@ -46,13 +46,31 @@ async def handle_signals(daemon: Daemon, config_path: str | None) -> None:
 
 async def run_app(cfg: Config, api_key: Secret | None, config_path: str | None = None,
                   *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Everything ``hydrad run`` runs, started in dependency order, stopped by the daemon."""
+    from .observe.logging import configure_logging, log_context
+    from .observe.metrics import Metrics
+
+    configure_logging(cfg.log, secrets=[api_key])
     bus = EventBus()
+    bus.subscribe(log_context)
     daemon = Daemon(cfg, api_key, bus=bus)
+    metrics = Metrics.for_daemon(daemon, cfg.metrics)
+    bus.subscribe(metrics)
     async with trio.open_nursery() as nursery:
+        if cfg.recording.enabled:
+            from .observe.recorder import Recorder
+
+            recorder = Recorder(cfg.recording)
+            bus.subscribe(recorder)
+            await nursery.start(recorder.run)
+            daemon.recorder = recorder
+        nursery.start_soon(metrics.run)
         await nursery.start(daemon.run)
         nursery.start_soon(handle_signals, daemon, config_path)
+        log.info("started", config=cfg.source, backend=cfg.audio.backend, model=cfg.hydra.model)
         task_status.started(daemon)
-        await daemon._stop.wait()
+        await daemon.stopped.wait()
+        nursery.cancel_scope.cancel()
 
 
 def check_config_main(argv: list[str]) -> int:

@@ -9,6 +9,7 @@ printed at the end shows what happened and how fast.
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Any, TextIO
 
 import trio
 
-from .config import Secret, config_from_dict
+from .config import RecordingConfig, Secret, config_from_dict
 from .events import Event, EventBus
+from .observe.recorder import Recorder
+from .observe.timeline import render_timeline
 from .pipeline.daemon import Daemon
 from .session.tools import StaticTools
 from .sim.config import SimConfig, ToolCallSpec, TurnAction
@@ -122,6 +125,8 @@ async def run_demo(out_dir: str = "demo-out", quiet: bool = False, *, timeout_s:
     out.mkdir(parents=True, exist_ok=True)
     speaker = out / "speaker.wav"
     speaker.unlink(missing_ok=True)
+    recording = out / "recording"
+    shutil.rmtree(recording, ignore_errors=True)
     bus = EventBus()
     timeline = Timeline()
     bus.subscribe(timeline)
@@ -140,6 +145,10 @@ async def run_demo(out_dir: str = "demo-out", quiet: bool = False, *, timeout_s:
             print(f"hydrad demo: simulator on ws://127.0.0.1:{port}, speaker -> {speaker}", file=sys.stderr)
         daemon = Daemon(cfg, Secret("demo-key", "demo"), tools=demo_tools(), bus=bus,
                         engine_options={"t0_speaker": time.monotonic()})
+        recorder = Recorder(RecordingConfig(enabled=True, dir=str(recording), keep_turns=10))
+        bus.subscribe(recorder)
+        await nursery.start(recorder.run)
+        daemon.recorder = recorder
         await nursery.start(daemon.run)
         with trio.move_on_after(timeout_s):
             while not _conversation_complete(timeline):
@@ -150,9 +159,11 @@ async def run_demo(out_dir: str = "demo-out", quiet: bool = False, *, timeout_s:
         with trio.move_on_after(5):
             await daemon.stopped.wait()
         nursery.cancel_scope.cancel()
+    recorder.close()
     t0 = daemon.mic_t0 or (timeline.events[0].t if timeline.events else 0.0)
     timeline.render(t0, sys.stdout)
-    print(f"\nspeaker audio: {speaker}", file=sys.stdout)
+    picture = render_timeline(recording, out / "timeline.png", title="hydrad demo")
+    print(f"\nspeaker audio: {speaker}\ntimeline picture: {picture}", file=sys.stdout)
     if not ok:
         print("hydrad demo: the conversation did not complete in time", file=sys.stderr)
         return 1
