@@ -16,14 +16,18 @@ import trio
 
 from .config import Config, ConfigError, Secret, load_api_key, load_config
 from .events import EventBus
+from .hooks import HookDispatcher, PluginTools, describe_plugins, format_plugins, load_plugins
 from .pipeline.daemon import Daemon
 
 log = structlog.get_logger("hydrad")
 
 
 def load_for_run(path: str | None) -> tuple[Config, Secret | None]:
+    """Config, API key and plugin settings, all validated before anything starts."""
     cfg = load_config(path)
-    return cfg, load_api_key(cfg)
+    key = load_api_key(cfg)
+    load_plugins(cfg)  # plugin tables are validated by their plugins, errors named by plugin
+    return cfg, key
 
 
 async def handle_signals(daemon: Daemon, config_path: str | None) -> None:
@@ -51,12 +55,15 @@ async def run_app(cfg: Config, api_key: Secret | None, config_path: str | None =
     from .observe.metrics import Metrics
 
     configure_logging(cfg.log, secrets=[api_key])
+    plugins = load_plugins(cfg)
     bus = EventBus()
     bus.subscribe(log_context)
-    daemon = Daemon(cfg, api_key, bus=bus)
-    metrics = Metrics.for_daemon(daemon, cfg.metrics)
+    daemon = Daemon(cfg, api_key, tools=PluginTools(plugins), bus=bus)
+    dispatcher = HookDispatcher(plugins, daemon, bus)
+    metrics = Metrics.for_daemon(daemon, cfg.metrics, plugin_stats=lambda: dispatcher.stats)
     bus.subscribe(metrics)
     async with trio.open_nursery() as nursery:
+        await nursery.start(dispatcher.run)
         if cfg.recording.enabled:
             from .observe.recorder import Recorder
 
@@ -70,13 +77,23 @@ async def run_app(cfg: Config, api_key: Secret | None, config_path: str | None =
         log.info("started", config=cfg.source, backend=cfg.audio.backend, model=cfg.hydra.model)
         task_status.started(daemon)
         await daemon.stopped.wait()
+        await dispatcher.aclose()  # plugins still see session_disconnected and their shutdown hook
         nursery.cancel_scope.cancel()
+
+
+def _quiet_logging() -> None:
+    """Command-line tools print results on stdout; only warnings go to stderr."""
+    from .config import LogConfig
+    from .observe.logging import configure_logging
+
+    configure_logging(LogConfig(level="warning", format="console"), stream=sys.stderr)
 
 
 def check_config_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hydrad check-config")
     parser.add_argument("config")
     args = parser.parse_args(argv)
+    _quiet_logging()
     try:
         cfg, key = load_for_run(args.config)
     except ConfigError as exc:
@@ -87,5 +104,20 @@ def check_config_main(argv: list[str]) -> int:
 
 
 def plugins_main(argv: list[str]) -> int:
-    print("no plugin support yet", file=sys.stderr)
-    return 1
+    parser = argparse.ArgumentParser(prog="hydrad plugins", description="List plugins, their hooks and tools.")
+    parser.add_argument("--config", "-c", default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    _quiet_logging()
+    try:
+        rows = describe_plugins(load_plugins(load_config(args.config)))
+    except ConfigError as exc:
+        print(f"hydrad: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(format_plugins(rows))
+    return 0
