@@ -158,6 +158,8 @@ class Conversation:
         self.speech_started_t: float | None = None
         self.speech_stopped_t: float | None = None
         self._speech_start_ms: int | None = None
+        #: (audio_start_ms, audio_end_ms) of the last user turn, from the service's clock
+        self.last_user_audio_ms: tuple[int, int] | None = None
         self.tool_turn: ToolTurn | None = None
         self._debounce_counter = 0
         self.counters: dict[str, int] = {}
