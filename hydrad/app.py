@@ -15,6 +15,7 @@ import structlog
 import trio
 
 from .config import Config, ConfigError, Secret, load_api_key, load_config
+from .control.server import ControlServer, ControlSocketError
 from .events import EventBus
 from .hooks import HookDispatcher, PluginTools, describe_plugins, format_plugins, load_plugins
 from .pipeline.daemon import Daemon
@@ -60,25 +61,46 @@ async def run_app(cfg: Config, api_key: Secret | None, config_path: str | None =
     bus.subscribe(log_context)
     daemon = Daemon(cfg, api_key, tools=PluginTools(plugins), bus=bus)
     dispatcher = HookDispatcher(plugins, daemon, bus)
-    metrics = Metrics.for_daemon(daemon, cfg.metrics, plugin_stats=lambda: dispatcher.stats)
+    metrics = Metrics.for_daemon(daemon, cfg.metrics, plugin_stats=lambda: dispatcher.stats,
+                                 extra_counters={"control": lambda: control.counters})
     bus.subscribe(metrics)
+    daemon.metrics_text = metrics.metrics_text  # type: ignore[method-assign]
+    control = ControlServer(cfg.control, daemon)
+    refused: ControlSocketError | None = None
     async with trio.open_nursery() as nursery:
-        await nursery.start(dispatcher.run)
-        if cfg.recording.enabled:
-            from .observe.recorder import Recorder
+        # The control socket first: an unsafe socket path refuses the start before the engine
+        # and the WebSocket are up.
+        try:
+            await nursery.start(control.run)
+        except ControlSocketError as exc:
+            refused = exc
+            nursery.cancel_scope.cancel()
+        else:
+            await _run_components(nursery, cfg, config_path, bus, daemon, dispatcher, metrics, task_status)
+    if refused is not None:
+        log.error("control_socket_refused", error=str(refused))
+        raise refused
 
-            recorder = Recorder(cfg.recording)
-            bus.subscribe(recorder)
-            await nursery.start(recorder.run)
-            daemon.recorder = recorder
-        nursery.start_soon(metrics.run)
-        await nursery.start(daemon.run)
-        nursery.start_soon(handle_signals, daemon, config_path)
-        log.info("started", config=cfg.source, backend=cfg.audio.backend, model=cfg.hydra.model)
-        task_status.started(daemon)
-        await daemon.stopped.wait()
-        await dispatcher.aclose()  # plugins still see session_disconnected and their shutdown hook
-        nursery.cancel_scope.cancel()
+
+async def _run_components(nursery: trio.Nursery, cfg: Config, config_path: str | None, bus: EventBus,
+                          daemon: Daemon, dispatcher: Any, metrics: Any, task_status: Any) -> None:
+    """The observers, the plugins and the daemon, once the control socket is safely up."""
+    await nursery.start(dispatcher.run)
+    if cfg.recording.enabled:
+        from .observe.recorder import Recorder
+
+        recorder = Recorder(cfg.recording)
+        bus.subscribe(recorder)
+        await nursery.start(recorder.run)
+        daemon.recorder = recorder
+    nursery.start_soon(metrics.run)
+    await nursery.start(daemon.run)
+    nursery.start_soon(handle_signals, daemon, config_path)
+    log.info("started", config=cfg.source, backend=cfg.audio.backend, model=cfg.hydra.model)
+    task_status.started(daemon)
+    await daemon.stopped.wait()
+    await dispatcher.aclose()  # plugins still see session_disconnected and their shutdown hook
+    nursery.cancel_scope.cancel()
 
 
 def _quiet_logging() -> None:

@@ -14,13 +14,18 @@ def _run(args: argparse.Namespace) -> int:
     import trio
 
     from .app import load_for_run, run_app
+    from .control.server import ControlSocketError
 
     try:
         cfg, key = load_for_run(args.config)
     except ConfigError as exc:
         print(f"hydrad: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    trio.run(run_app, cfg, key, args.config)
+    try:
+        trio.run(run_app, cfg, key, args.config)
+    except ControlSocketError as exc:  # may clear on a restart (another daemon still listening)
+        print(f"hydrad: control socket: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

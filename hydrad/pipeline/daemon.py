@@ -462,6 +462,10 @@ class Daemon(EngineHandlers):
         self.muted = False
         return {"muted": False}
 
+    def metrics_text(self) -> str:
+        """Prometheus text; the metrics component replaces this when it runs (see app.py)."""
+        return ""
+
     def ping(self) -> dict[str, Any]:
         return {"pong": True, "t": time.time()}
 
