@@ -152,10 +152,10 @@ class EngineClient:
             t_start = self.clock()
             try:
                 await self._run_once(task_status)
-            except (OSError, wire.WireError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.warning("engine_failed", error=str(exc) or type(exc).__name__, pid=self.pid)
             except _EngineGone as exc:
                 log.warning("engine_exited", reason=str(exc), pid=self.pid)
+            except Exception as exc:  # noqa: BLE001 - whatever broke, the engine is restarted
+                log.warning("engine_failed", error=repr(exc), pid=self.pid)
             # The first start may have failed: report started anyway, the daemon runs without audio
             # (uplink sends silence) and keeps retrying here.
             self._report_started(task_status)
@@ -241,13 +241,21 @@ class EngineClient:
                 self._dispatch(msg)
 
     async def _reader(self, proc: trio.Process, decoder: wire.Decoder) -> None:
+        """Messages from the engine; a broken stream kills it (``proc.wait()`` then restarts it)."""
         assert proc.stdout is not None
-        while True:
-            data = await proc.stdout.receive_some(65536)
-            if not data:
-                return  # proc.wait() in the parent will notice the exit
-            for msg in decoder.feed(data):
-                self._dispatch(msg)
+        try:
+            while True:
+                data = await proc.stdout.receive_some(65536)
+                if not data:
+                    return  # proc.wait() in the parent will notice the exit
+                for msg in decoder.feed(data):
+                    self._dispatch(msg)
+        except (wire.WireError, ValueError) as exc:
+            log.error("engine_protocol_error", error=str(exc), pid=proc.pid)
+            self.counters["protocol_errors"] += 1
+            proc.kill()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
 
     def _dispatch(self, msg: wire.Message) -> None:
         k = msg.kind
@@ -276,9 +284,12 @@ class EngineClient:
 
     async def _writer(self, proc: trio.Process) -> None:
         assert proc.stdin is not None
-        while True:
-            frame = await self._outbox.get()
-            await proc.stdin.send_all(frame)
+        try:
+            while True:
+                frame = await self._outbox.get()
+                await proc.stdin.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the engine is gone; proc.wait() in the parent notices and restarts it
 
     async def _pinger(self) -> None:
         seq = 0
