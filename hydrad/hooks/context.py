@@ -27,6 +27,8 @@ class Controller(Protocol):
     def status(self) -> dict[str, Any]: ...
     def mute(self) -> dict[str, Any]: ...
     def unmute(self) -> dict[str, Any]: ...
+    def ping(self) -> dict[str, Any]: ...
+    def metrics_text(self) -> str: ...
 
 
 class NotRunning(RuntimeError):
@@ -98,6 +100,21 @@ class HookContext:
         rt = self._require()
         status = rt.run_sync(rt.controller.status)
         return {k: status.get(k) for k in STATE_KEYS}
+
+    def status(self) -> dict[str, Any]:
+        """The full status, exactly what ``hydrad ctl status`` shows (engine, devices, last error...)."""
+        rt = self._require()
+        return rt.run_sync(rt.controller.status)
+
+    def metrics_text(self) -> str:
+        """The Prometheus text exposition, exactly what ``hydrad ctl metrics`` shows."""
+        rt = self._require()
+        return rt.run_sync(rt.controller.metrics_text)
+
+    def ping(self) -> dict[str, Any]:
+        """``{"pong": True, "t": ...}`` while the daemon's event loop answers."""
+        rt = self._require()
+        return rt.run_sync(rt.controller.ping)
 
     # ------------------------------------------------------------------ requests
     def request_cancel(self) -> None:
