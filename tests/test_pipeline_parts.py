@@ -49,3 +49,25 @@ async def test_drop_oldest_queue_keeps_the_live_edge() -> None:
         await trio.sleep(0.01)
         q.put_nowait(9)
     assert got == [9]
+
+
+async def test_supervisor_restarts_a_failing_task_with_backoff(autojump_clock) -> None:
+    from hydrad.pipeline.supervisor import supervise
+
+    runs: list[float] = []
+    failures: list[str] = []
+
+    async def flaky() -> None:
+        runs.append(trio.current_time())
+        if len(runs) < 4:
+            raise RuntimeError("boom")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: supervise("flaky", flaky, backoff=Backoff(1.0, 8.0),
+                                             on_failure=lambda name, exc: failures.append(name)))
+        await trio.sleep(60)
+        nursery.cancel_scope.cancel()
+    assert len(runs) == 4 and failures == ["flaky"] * 3
+    gaps = [b - a for a, b in zip(runs, runs[1:])]
+    assert 0.5 <= gaps[0] <= 1.0 and 1.0 <= gaps[1] <= 2.0 and 2.0 <= gaps[2] <= 4.0  # jittered, doubling
