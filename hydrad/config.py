@@ -106,6 +106,10 @@ class BargeInConfig:
 
     policy: Literal["immediate", "server", "guard"] = "immediate"
     guard_ms: int = field(default=300, metadata=_range(50, 2000))
+    #: how long the guard waits for that much speech before calling it a false alarm
+    guard_window_ms: int = field(default=1000, metadata=_range(100, 5000))
+    #: a mic frame (after echo cancellation) louder than this counts as speech energy
+    guard_threshold_dbfs: float = field(default=-40.0, metadata=_range(-90, 0))
     duck_gain: float = field(default=0.3, metadata=_range(0.0, 1.0))
 
 

@@ -187,3 +187,55 @@ def test_disconnect_flushes_queued_audio_and_closes_the_gate(conv: Conversation)
     start_response(conv, "r1")
     out = conv.on_disconnected("network", 1006)
     assert SetGate(False) in out and Flush("r1", "disconnect") in out
+
+
+# ----------------------------------------------------------------------------- echo guard
+
+from hydrad.session.conversation import ArmGuard, Duck  # noqa: E402
+
+
+@pytest.fixture
+def guarded() -> Conversation:
+    c = Conversation({}, "hydra-v1.1", "guard", 0.2, clock=Clock(), guard_window_s=1.0, duck_gain=0.25)
+    c.on_event(S.SessionCreated(session_id="s1"))
+    c.on_event(S.SessionConfigured(session={}))
+    start_response(c, "r1")
+    return c
+
+
+def test_guard_ducks_and_waits_instead_of_flushing(guarded: Conversation) -> None:
+    out = guarded.on_event(S.SpeechStarted(audio_start_ms=5, item_id="u2"))
+    assert Duck(0.25) in out and any(isinstance(e, ArmGuard) for e in out)
+    assert not any(isinstance(e, Flush) for e in out)
+    assert [e.event.fields["decision"] for e in out if isinstance(e, Emit) and e.event.name == "guard_decision"] == ["pending"]
+
+
+def test_guard_confirmed_by_speech_energy_flushes(guarded: Conversation) -> None:
+    guarded.on_event(S.SpeechStarted(audio_start_ms=5, item_id="u2"))
+    out = guarded.on_guard_evidence(320.0)
+    assert Duck(1.0) in out and Flush("r1", "speech_started") in out
+    assert guarded.counters["barge_in.confirmed"] == 1 and guarded.guard is None
+
+
+def test_guard_timeout_is_a_false_alarm_and_playback_resumes(guarded: Conversation) -> None:
+    arm = [e for e in guarded.on_event(S.SpeechStarted(audio_start_ms=5, item_id="u2")) if isinstance(e, ArmGuard)][0]
+    out = guarded.on_event(S.ResponseDone(response_id="r1", status="cancelled", reason="interrupted"))
+    assert not any(isinstance(e, Flush) for e in out)  # deferred to the guard's decision
+    out = guarded.on_guard_timeout(arm.token)
+    assert Duck(1.0) in out and not any(isinstance(e, Flush) for e in out)
+    assert guarded.counters["barge_in.false"] == 1 and guarded.responses["r1"].audible
+    assert guarded.on_guard_timeout(arm.token) == []  # decided once
+
+
+def test_guard_discarded_turn_is_a_false_alarm(guarded: Conversation) -> None:
+    guarded.on_event(S.SpeechStarted(audio_start_ms=5, item_id="u2"))
+    out = guarded.on_event(S.ItemDone(item=S.Item(id="u2", type="message", role="user", status="incomplete")))
+    assert Duck(1.0) in out and guarded.counters["barge_in.false"] == 1
+
+
+def test_new_response_confirms_the_guard_and_cuts_a_cancelled_response(guarded: Conversation) -> None:
+    arm = [e for e in guarded.on_event(S.SpeechStarted(audio_start_ms=5, item_id="u2")) if isinstance(e, ArmGuard)][0]
+    guarded.on_event(S.ResponseDone(response_id="r1", status="cancelled", reason="interrupted"))
+    guarded.on_guard_timeout(arm.token)  # false alarm: r1 resumed ...
+    out = guarded.on_event(S.ResponseCreated(response_id="r2"))  # ... but the service answers a new turn
+    assert Flush("r1", "response_created") in out

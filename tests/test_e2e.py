@@ -246,3 +246,39 @@ async def test_sigstopped_engine_is_detected_as_hung_and_replaced(tmp_path: Path
             except ProcessLookupError:
                 pass
         assert rig.daemon.engine.counters["hangs"] >= 1
+
+
+async def test_guard_confirms_a_real_barge_in_and_cuts(tmp_path: Path) -> None:
+    sim = SimConfig(reply_s=1.0, turns={1: TurnAction(reply_s=5.0)})
+    async with running(tmp_path, sim_config=sim, mic=[(HELLO, 0.2), (INTERRUPT, 4.8)],
+                       overrides={"barge_in": {"policy": "guard", "guard_ms": 200}}) as rig:
+        decision = await rig.wait_for(lambda: [e for e in rig.events("guard_decision")
+                                               if e.fields["decision"] != "pending"], what="guard decision")
+        assert decision[0].fields["decision"] == "confirmed"
+        barge = await rig.wait_for(lambda: rig.events("barge_in"), what="barge_in")
+        assert barge[0].fields["trigger"] == "speech_started"
+        assert rig.daemon.counters.get("barge_in.false", 0) == 0
+
+
+async def test_guard_false_alarm_ducks_then_resumes_the_reply(tmp_path: Path) -> None:
+    # Quiet speech: the simulator's VAD (level-blind, like the service's) hears it, but it is
+    # below the guard's level, like residual echo after the canceller.
+    x, rate = read_wav(INTERRUPT)
+    quiet = write_wav(tmp_path / "quiet.wav", x * 10 ** (-40 / 20), rate)
+    sim = SimConfig(reply_s=1.0, turns={1: TurnAction(reply_s=6.0)})
+    async with running(tmp_path, sim_config=sim, mic=[(HELLO, 0.2), (quiet, 4.6)],
+                       overrides={"barge_in": {"policy": "guard", "guard_ms": 200, "guard_window_ms": 800}}) as rig:
+        decision = await rig.wait_for(lambda: [e for e in rig.events("guard_decision")
+                                               if e.fields["decision"] != "pending"], what="guard decision")
+        assert decision[0].fields["decision"] in ("false_alarm",)
+        await rig.wait_for(lambda: rig.events("response_done"), timeout=25, what="first response done")
+        first = rig.events("response_done")[0].fields
+        assert first["metrics"]["cut_by_barge_in"] is False
+        assert first["metrics"]["heard_s"] == pytest.approx(6.0, abs=0.1)  # resumed and heard to the end
+        assert rig.events("barge_in") == [] or all(e.fields["trigger"] != "speech_started" for e in rig.events("barge_in"))
+        x_out, r_out = rig.speaker_audio()
+        t_pending = next(e.t for e in rig.events("guard_decision") if e.fields["decision"] == "pending")
+        i = rig.sample_at(t_pending, r_out)
+        before = np.abs(x_out[i - r_out // 2: i - r_out // 10]).max()
+        during = np.abs(x_out[i + r_out // 10: i + r_out // 2]).max()
+        assert during < before * 0.5, "playback was not ducked while the guard decided"

@@ -22,8 +22,9 @@ from ..protocol import constants as C
 from ..protocol import server_events as S
 from ..protocol.errors import MalformedFrame
 from ..session.conversation import (
-    ArmDebounce, Conversation, Effect, Emit, Flush, Play, RunTool, Send, SetGate, SetOutputRate,
+    ArmDebounce, ArmGuard, Conversation, Duck, Effect, Emit, Flush, Play, RunTool, Send, SetGate, SetOutputRate,
 )
+from .guard import EnergyMeter
 from ..session.tools import StaticTools, ToolError, ToolProvider, error_result, parse_arguments, validate_arguments
 from .backoff import Backoff
 from .connection import SessionEnd, classify, open_session_socket, redact_url, session_url
@@ -101,6 +102,7 @@ class Daemon(EngineHandlers):
         self._last_flush_seq = 0
         self._reconfigure = trio.Event()
         self.uplink_latency_ms: collections.deque[float] = collections.deque(maxlen=500)
+        self._meter = EnergyMeter(cfg.barge_in.guard_threshold_dbfs)
         #: the debug recorder's taps (hydrad.observe.recorder.Recorder), when recording is on
         self.recorder: Any = None
 
@@ -142,8 +144,10 @@ class Daemon(EngineHandlers):
         backoff = Backoff(rc.initial_s, rc.max_s)
         internal_retried = False
         while True:
+            b = self.cfg.barge_in
             conv = Conversation(configure_payload(self.cfg, self.tools.schemas()), self.cfg.hydra.model,
-                                self.cfg.barge_in.policy, self.cfg.session.tool_debounce_ms / 1000)
+                                b.policy, self.cfg.session.tool_debounce_ms / 1000,
+                                guard_window_s=b.guard_window_ms / 1000, duck_gain=b.duck_gain)
             t0 = time.monotonic()
             end = await self._one_session(conv)
             self.last_end = end
@@ -305,25 +309,45 @@ class Daemon(EngineHandlers):
     # ================================================================ effects
     async def _apply(self, conv: Conversation, effects: list[Effect]) -> None:
         for eff in effects:
-            if isinstance(eff, Emit):
-                self.bus.publish(eff.event)
-            elif isinstance(eff, Send):
+            if isinstance(eff, Send):
                 await self._send(eff)
             elif isinstance(eff, Play):
                 await self._play_send.send((eff.response_id, eff.pcm))
+            else:
+                self._apply_now(conv, [eff])
+
+    def _apply_now(self, conv: Conversation, effects: list[Effect]) -> None:
+        """Carry out effects that need no waiting (from engine callbacks too)."""
+        for eff in effects:
+            if isinstance(eff, Emit):
+                self.bus.publish(eff.event)
             elif isinstance(eff, Flush):
                 self._last_flush_seq = self.engine.flush(eff.trigger)
                 log.info("playback_flushed", trigger=eff.trigger, response_id=eff.response_id)
+            elif isinstance(eff, Duck):
+                self.engine.duck(eff.gain)
             elif isinstance(eff, SetOutputRate):
                 self.engine.set_output_rate(eff.rate)
             elif isinstance(eff, SetGate):
                 self._set_gate(eff.open)
+            elif isinstance(eff, ArmGuard):
+                self._meter.reset()
+                self._start_session_task(self._guard_timer, conv, eff)
             elif isinstance(eff, RunTool):
-                if self._session_nursery is not None:
-                    self._session_nursery.start_soon(self._run_tool, conv, eff)
+                self._start_session_task(self._run_tool, conv, eff)
             elif isinstance(eff, ArmDebounce):
-                if self._session_nursery is not None:
-                    self._session_nursery.start_soon(self._debounce, conv, eff)
+                self._start_session_task(self._debounce, conv, eff)
+            else:  # Send and Play need awaiting: only _apply may carry them
+                raise TypeError(f"{type(eff).__name__} cannot be applied without awaiting")
+
+    def _start_session_task(self, fn: Any, *args: Any) -> None:
+        if self._session_nursery is not None:
+            self._session_nursery.start_soon(fn, *args)
+
+    async def _guard_timer(self, conv: Conversation, eff: ArmGuard) -> None:
+        await trio.sleep(eff.window_s)
+        if conv is self.conversation:
+            self._apply_now(conv, conv.on_guard_timeout(eff.token))
 
     async def _send(self, eff: Send) -> None:
         ws = self.ws
@@ -394,18 +418,18 @@ class Daemon(EngineHandlers):
         if not self.gate_open:
             self.counters["capture_frames_gated"] += 1
             return
+        conv = self.conversation
+        if conv is not None and conv.guard is not None and not self.muted:
+            speech_ms = self._meter.feed(pcm)
+            if speech_ms >= self.cfg.barge_in.guard_ms:
+                self._apply_now(conv, conv.on_guard_evidence(speech_ms))
         if self._uplink_q.put_nowait((t_adc, pcm)):
             self.counters["uplink_frames_dropped.backlog"] += 1
-
-    def _publish(self, effects: list[Effect]) -> None:
-        for eff in effects:
-            if isinstance(eff, Emit):
-                self.bus.publish(eff.event)
 
     def on_played(self, info: dict[str, Any]) -> None:
         conv = self.conversation
         if conv is not None:
-            self._publish(conv.on_played(str(info.get("response_id")), info.get("first_audible"),
+            self._apply_now(conv, conv.on_played(str(info.get("response_id")), info.get("first_audible"),
                                          int(info.get("samples", 0)), int(info.get("rate", 0) or 0), bool(info.get("done"))))
 
     def on_flushed(self, info: dict[str, Any]) -> None:
@@ -415,7 +439,7 @@ class Daemon(EngineHandlers):
         self._flush_ack_lot.unpark_all()
         conv = self.conversation
         if conv is not None:
-            self._publish(conv.on_flushed(info.get("response_id"), int(info.get("dropped_samples", 0)),
+            self._apply_now(conv, conv.on_flushed(info.get("response_id"), int(info.get("dropped_samples", 0)),
                                           float(info.get("t_received", 0.0)), float(info.get("t_silent", 0.0))))
 
     def on_stats(self, info: dict[str, Any]) -> None:
@@ -429,7 +453,7 @@ class Daemon(EngineHandlers):
         log.info("engine_state", state=state, pid=self.engine.pid)
         self.bus.publish(Event("engine_state", {"state": state, "detail": detail}))
         if state == "restarting" and self.conversation is not None:
-            self._publish(self.conversation.on_playback_lost())
+            self._apply_now(self.conversation, self.conversation.on_playback_lost())
 
     # ================================================================ controller
     async def cancel(self, source: str = "programmatic") -> dict[str, Any]:

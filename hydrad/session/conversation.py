@@ -76,11 +76,32 @@ class ArmDebounce:
 
 
 @dataclass(frozen=True)
+class Duck:
+    gain: float  # playback gain; 1.0 restores
+
+
+@dataclass(frozen=True)
+class ArmGuard:
+    token: int
+    window_s: float
+
+
+@dataclass(frozen=True)
 class Emit:
     event: Event
 
 
-Effect = Union[Send, Play, Flush, SetOutputRate, SetGate, RunTool, ArmDebounce, Emit]
+Effect = Union[Send, Play, Flush, SetOutputRate, SetGate, RunTool, ArmDebounce, Duck, ArmGuard, Emit]
+
+
+@dataclass
+class Guard:
+    """A speech start during playback under the ``guard`` policy, waiting for evidence."""
+
+    token: int
+    item_id: str | None
+    targets: list["ResponseState"]
+    t: float
 
 
 # ----------------------------------------------------------------------------- state
@@ -140,12 +161,19 @@ class Conversation:
         barge_in_policy: str = "immediate",
         tool_debounce_s: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
+        guard_window_s: float = 1.0,
+        duck_gain: float = 0.3,
     ) -> None:
         self.configure_session = configure_session
         self.model = model
         self.policy = barge_in_policy
         self.tool_debounce_s = tool_debounce_s
         self.clock = clock
+        self.guard_window_s = guard_window_s
+        self.duck_gain = duck_gain
+        #: the pending echo-guard decision (policy ``guard``), None when nothing is being decided
+        self.guard: Guard | None = None
+        self._guard_counter = 0
         self.session_id: str | None = None
         self.configured = False
         self.configure_sent = False
@@ -255,9 +283,46 @@ class Conversation:
         busy = list({id(r): r for r in busy}.values())
         out.append(self._emit("speech_started", item_id=ev.item_id, audio_start_ms=ev.audio_start_ms,
                               during_response=bool(busy)))
-        if busy and self.policy in ("immediate", "guard"):
+        if busy and self.policy == "immediate":
             self._abandon_tool_turn()
             out += self._flush("speech_started", busy)
+        elif busy and self.policy == "guard" and self.guard is None:
+            self._guard_counter += 1
+            self.guard = Guard(self._guard_counter, ev.item_id, busy, self.clock())
+            out += [Duck(self.duck_gain), ArmGuard(self._guard_counter, self.guard_window_s),
+                    self._emit("guard_decision", decision="pending", item_id=ev.item_id,
+                               response_id=busy[-1].response_id)]
+        return out
+
+    # ------------------------------------------------------------------ echo guard
+    def on_guard_evidence(self, speech_ms: float) -> list[Effect]:
+        """The mic carried ``speech_ms`` of speech energy since the guard started: a real barge-in."""
+        return self._guard_confirm(speech_ms, "speech_energy") if self.guard is not None else []
+
+    def _guard_confirm(self, speech_ms: float | None, why: str) -> list[Effect]:
+        g = self.guard
+        assert g is not None
+        self.guard = None
+        self._count("barge_in.confirmed")
+        self._abandon_tool_turn()
+        targets = [r for r in g.targets if not r.flushed]
+        return [Duck(1.0), *self._flush("speech_started", targets),
+                self._emit("guard_decision", decision="confirmed", reason=why, item_id=g.item_id,
+                           speech_ms=None if speech_ms is None else round(speech_ms, 1),
+                           decided_ms=round((self.clock() - g.t) * 1000, 1))]
+
+    def on_guard_timeout(self, token: int) -> list[Effect]:
+        return self._guard_false_alarm("timeout") if self.guard is not None and self.guard.token == token else []
+
+    def _guard_false_alarm(self, why: str) -> list[Effect]:
+        g = self.guard
+        assert g is not None
+        self.guard = None
+        self._count("barge_in.false")
+        out: list[Effect] = [Duck(1.0), self._emit("guard_decision", decision="false_alarm", reason=why,
+                                                   item_id=g.item_id, decided_ms=round((self.clock() - g.t) * 1000, 1))]
+        # The service may already have cancelled the response (it cannot tell echo from a user):
+        # what was received keeps playing, and its books close when it drains.
         return out
 
     def _on_SpeechStopped(self, ev: S.SpeechStopped) -> list[Effect]:
@@ -278,7 +343,10 @@ class Conversation:
         self.user_speaking = False
         if item.status == C.STATUS_INCOMPLETE:
             self._count("turns.discarded")
-            return [self._emit("user_turn_done", item_id=item.id, status="discarded")]
+            out: list[Effect] = [self._emit("user_turn_done", item_id=item.id, status="discarded")]
+            if self.guard is not None and self.guard.item_id == item.id:
+                out += self._guard_false_alarm("discarded")
+            return out
         self._count("turns.user")
         return [self._emit("user_turn_done", item_id=item.id, status="completed", text=item.text)]
 
@@ -287,9 +355,12 @@ class Conversation:
         if ev.response_id in self.responses:
             self._count("events.duplicate_response_created")
             return out
-        # The docs' rule: a new response before the previous one's audio is done cuts the old one.
-        stale = [r for r in self.responses.values()
-                 if not r.flushed and r.has_audio and not r.audio_done and not r.server_done]
+        if self.guard is not None:  # the service took the speech for a real turn
+            out += self._guard_confirm(None, "response_created")
+        # The docs' rule: a new response before the previous one's audio is done cuts the old one;
+        # so does one whose audio still plays although the service cancelled it.
+        stale = [r for r in self.responses.values() if not r.flushed and (
+            r.has_audio and not r.audio_done and not r.server_done or r.audible and r.status == C.STATUS_CANCELLED)]
         out += self._flush("response_created", stale)
         is_narration = self.tool_turn is not None and self.tool_turn.create_sent
         self.responses[ev.response_id] = ResponseState(
@@ -371,7 +442,7 @@ class Conversation:
         r.server_done = True
         r.status, r.reason = ev.status, ev.reason
         out: list[Effect] = []
-        if ev.status == C.STATUS_CANCELLED and r.audible:
+        if ev.status == C.STATUS_CANCELLED and r.audible and not (self.guard and r in self.guard.targets):
             out += self._flush("response_cancelled", [r])
         if ev.status == C.STATUS_FAILED:
             out.append(self._emit("service_error", code=ev.error_code or "response_failed", type="response",
