@@ -19,6 +19,8 @@ from .control.server import ControlServer, ControlSocketError
 from .events import EventBus
 from .hooks import HookDispatcher, PluginTools, describe_plugins, format_plugins, load_plugins
 from .pipeline.daemon import Daemon
+from .service.health import ServiceMonitor
+from .service.notify import Notifier
 
 log = structlog.get_logger("hydrad")
 
@@ -31,20 +33,31 @@ def load_for_run(path: str | None) -> tuple[Config, Secret | None]:
     return cfg, key
 
 
-async def handle_signals(daemon: Daemon, config_path: str | None) -> None:
-    """SIGINT/SIGTERM: graceful stop. SIGHUP: reload (validated first; the old config stays on error)."""
+async def handle_signals(daemon: Daemon, config_path: str | None, monitor: ServiceMonitor | None = None) -> None:
+    """SIGINT/SIGTERM: graceful stop. SIGHUP: reload (validated first; the old config stays on error).
+
+    ``monitor`` tells systemd: RELOADING=1 ... READY=1 around a reload, STOPPING=1 on stop.
+    """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
+                if monitor is not None:
+                    monitor.reloading()
                 try:
                     cfg, key = load_for_run(config_path)
                 except ConfigError as exc:
                     log.error("reload_rejected", problems=exc.problems, kept=daemon.cfg.source)
+                    if monitor is not None:
+                        monitor.reloaded(False, "; ".join(exc.problems))
                     continue
                 daemon.reload(cfg, key)
                 log.info("reloaded", source=cfg.source)
+                if monitor is not None:
+                    monitor.reloaded(True, cfg.source)
             else:
                 log.info("signal", signal=signal.Signals(signum).name)
+                if monitor is not None:
+                    monitor.stopping()
                 daemon.request_stop()
                 return
 
@@ -58,8 +71,12 @@ async def run_app(cfg: Config, api_key: Secret | None, config_path: str | None =
     configure_logging(cfg.log, secrets=[api_key])
     plugins = load_plugins(cfg)
     bus = EventBus()
+    # $NOTIFY_SOCKET / $WATCHDOG_*: read once, then removed from the environment so the engine
+    # and plugin children do not inherit them (this runs before anything is spawned).
+    notifier = Notifier.from_environ(unset=True)
     bus.subscribe(log_context)
     daemon = Daemon(cfg, api_key, tools=PluginTools(plugins), bus=bus)
+    monitor = ServiceMonitor(daemon, notifier)
     dispatcher = HookDispatcher(plugins, daemon, bus)
     metrics = Metrics.for_daemon(daemon, cfg.metrics, plugin_stats=lambda: dispatcher.stats,
                                  extra_counters={"control": lambda: control.counters})
@@ -76,14 +93,16 @@ async def run_app(cfg: Config, api_key: Secret | None, config_path: str | None =
             refused = exc
             nursery.cancel_scope.cancel()
         else:
-            await _run_components(nursery, cfg, config_path, bus, daemon, dispatcher, metrics, task_status)
+            await _run_components(nursery, cfg, config_path, bus, daemon, dispatcher, metrics, task_status, monitor)
     if refused is not None:
         log.error("control_socket_refused", error=str(refused))
+        notifier.status(f"not started: {refused}")
         raise refused
 
 
 async def _run_components(nursery: trio.Nursery, cfg: Config, config_path: str | None, bus: EventBus,
-                          daemon: Daemon, dispatcher: Any, metrics: Any, task_status: Any) -> None:
+                          daemon: Daemon, dispatcher: Any, metrics: Any, task_status: Any,
+                          monitor: ServiceMonitor | None = None) -> None:
     """The observers, the plugins and the daemon, once the control socket is safely up."""
     await nursery.start(dispatcher.run)
     if cfg.recording.enabled:
@@ -95,7 +114,9 @@ async def _run_components(nursery: trio.Nursery, cfg: Config, config_path: str |
         daemon.recorder = recorder
     nursery.start_soon(metrics.run)
     await nursery.start(daemon.run)
-    nursery.start_soon(handle_signals, daemon, config_path)
+    nursery.start_soon(handle_signals, daemon, config_path, monitor)
+    if monitor is not None:
+        nursery.start_soon(monitor.run)  # READY=1, STATUS=, WATCHDOG=1 while healthy, STOPPING=1
     log.info("started", config=cfg.source, backend=cfg.audio.backend, model=cfg.hydra.model)
     task_status.started(daemon)
     await daemon.stopped.wait()

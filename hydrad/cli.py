@@ -15,7 +15,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from .app import load_for_run, run_app
     from .control.server import ControlSocketError
+    from .service.stdio import harden_stdio
 
+    harden_stdio()  # before logging is set up: a full disk or a dead journald must not kill the daemon
     try:
         cfg, key = load_for_run(args.config)
     except ConfigError as exc:

@@ -216,10 +216,11 @@ class EngineClient:
         if proc is None or proc.returncode is not None or proc.stdin is None:
             return
         with trio.move_on_after(1.0):
-            try:
-                await proc.stdin.send_all(wire.encode_json(Kind.STOP))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-                pass
+            # Through the outbox: only the writer task writes to stdin. A direct send_all here
+            # raced _writer (BusyResourceError: the engine counted as failed and was killed and
+            # restarted mid-shutdown), and STOP now goes after the GATE/FLUSH frames the shutdown
+            # just queued.
+            await self._outbox.put(Kind.STOP, wire.encode_json(Kind.STOP))
             await proc.wait()
 
     async def _reap(self, proc: trio.Process) -> None:
