@@ -191,6 +191,9 @@ class SimConfig:
     delta_ms: int = 100
     #: length of each reply unless a turn action overrides it.
     reply_s: float = 2.0
+    #: per-cycle pitch jitter of the reply voice (0 = strictly periodic, exact pitch; 0.2 = an
+    #: aperiodic, speech-like voice an echo canceller can lock onto; see voice.py)
+    voice_jitter: float = 0.0
     #: wall-clock delay between the end of a user turn and ``response.created``.
     response_delay_ms: int = 0
     #: emit ``response.output_audio_transcript.delta`` phrases alongside the audio.
@@ -238,6 +241,8 @@ class SimConfig:
             raise ScenarioError(f"unknown_type = {self.unknown_type!r}: expected one of {UNKNOWN_TYPE_MODES}")
         if self.vad_mode not in (0, 1, 2, 3):
             raise ScenarioError(f"vad_mode = {self.vad_mode}: expected 0..3")
+        if not 0.0 <= self.voice_jitter < 0.5:
+            raise ScenarioError(f"voice_jitter = {self.voice_jitter}: expected 0 <= jitter < 0.5")
         if self.delta_ms <= 0:
             raise ScenarioError(f"delta_ms = {self.delta_ms}: must be > 0")
         if self.realtime_factor < 0 or math.isnan(self.realtime_factor):

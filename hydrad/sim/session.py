@@ -618,7 +618,7 @@ class SimSession:
             if deadline is not None and trio.current_time() >= deadline:
                 self._scripted_stop(resp)
                 return
-            chunk = render(resp.n, rate, total, i * step, step)
+            chunk = render(resp.n, rate, total, i * step, step, self._cfg.voice_jitter)
             self._emit(AudioDelta(response_id=resp.id, item_id=item.id, pcm=chunk))
             resp.record.audio_bytes += len(chunk)
             if i in phrase_at:
