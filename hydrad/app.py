@@ -142,6 +142,13 @@ def check_config_main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"hydrad: {exc}", file=sys.stderr)
         return 2
+    if cfg.audio.backend == "sounddevice":
+        from .engine.devices import check_devices
+
+        problems = check_devices(cfg.audio.sounddevice.input_device, cfg.audio.sounddevice.output_device)
+        if problems:
+            print("hydrad: " + "\n".join(problems), file=sys.stderr)
+            return 2
     print(f"{args.config}: OK (api key: {'found, ' + key.origin if key else 'none'})")
     return 0
 

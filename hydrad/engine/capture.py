@@ -41,6 +41,7 @@ class Capture:
         self._emit = emit
         self.in_rate = OUT_RATE
         self.channels = 1
+        self.gain = 1.0          # mic gain (linear), applied with the int16 scaling
         self.frames = 0          # frames emitted
         self.dropped = 0         # frames the writer refused (overruns)
         self._rs: soxr.ResampleStream | None = None
@@ -82,7 +83,7 @@ class Capture:
             np.copyto(mono, block.reshape(n), casting="unsafe")
         else:
             np.add.reduce(block, axis=1, dtype=np.float32, out=mono)
-        scale = (1.0 / 32768.0 if block.dtype == np.int16 else 1.0) / ch
+        scale = (1.0 / 32768.0 if block.dtype == np.int16 else 1.0) / ch * self.gain
         if scale != 1.0:
             mono *= scale
         p_block = self._in_pos

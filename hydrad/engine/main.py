@@ -148,8 +148,13 @@ class Engine:
             self.stats_interval = _num(cfg, "stats_interval", 1.0)
             self.max_queue = int(_num(cfg, "max_queue", 100))
             session_rate = int(_num(cfg, "output_rate", 24000))
+            # output volume and mic gain (backend options, applied here for every backend)
+            self.output_volume = _num(options, "output_volume", 1.0)
+            self.mic_gain = _num(options, "mic_gain", 1.0)
         except ProtocolError as exc:
             raise ConfigError(str(exc)) from None
+        if not 0.0 <= self.output_volume <= 4.0 or not 0.0 <= self.mic_gain <= 16.0:
+            raise ConfigError("output_volume must be in 0..4 and mic_gain in 0..16")
         cq = cfg.get("capture_quality", "LQ")
         pq = cfg.get("playout_quality", "HQ")
         if cq not in _QUALITIES or pq not in _QUALITIES:
@@ -160,6 +165,7 @@ class Engine:
             raise ConfigError(f"output_rate {session_rate} is outside 8000..192000")
         try:
             self.capture = Capture(self._emit_capture, self.frame_ms, quality=cq)
+            self.capture.gain = self.mic_gain
             self.backend = create_backend(backend_name, options, self.block_ms, self)
         except (ValueError, TypeError, bk.DeviceError) as exc:
             raise ConfigError(str(exc)) from None
@@ -183,6 +189,7 @@ class Engine:
         self.cb_max = 0.0
         self.cb_count_window = 0
         self._last_cb = 0.0
+        self._flags_logged: dict[int, int] = {}
         self._out_tmp = np.zeros(8192, np.float32)
         self.reference = None  # optional (mono float32 view, t_dac) -> None: the AEC far end
         # housekeeping
@@ -221,6 +228,11 @@ class Engine:
             if outdata is not None:
                 n = len(outdata)
                 mono = self.playout.render(n, t_dac)
+                vol = self.output_volume
+                if vol != 1.0:  # mono is the playout's scratch buffer: scale it in place
+                    mono *= vol
+                    if vol > 1.0:
+                        np.clip(mono, -1.0, 1.0, out=mono)
                 if outdata.dtype == np.float32:
                     outdata[:] = mono[:, None]
                 else:
@@ -333,6 +345,7 @@ class Engine:
                         self._try_reopen()
                     self.playout.drain_tail_if_low(time.monotonic())
                 if time.monotonic() >= next_stats:
+                    self._log_new_flags()
                     next_stats += self.stats_interval
                     if next_stats < time.monotonic():
                         next_stats = time.monotonic() + self.stats_interval
@@ -341,6 +354,17 @@ class Engine:
                 self.log("error", "housekeeping_failed", error=repr(exc),
                          traceback=traceback.format_exc(limit=5))
                 time.sleep(0.1)
+
+    def _log_new_flags(self) -> None:
+        """A LOG warning when PortAudio status flags (under/overflows) appeared since the last
+        STATS: counted in every STATS, and said once per interval in the log."""
+        counts = dict(self.flag_counts)
+        new = {bk.STATUS_NAMES[b]: c - self._flags_logged.get(b, 0) for b, c in counts.items()
+               if c > self._flags_logged.get(b, 0)}
+        self._flags_logged = counts
+        new.pop("priming_output", None)  # PortAudio's normal start-up, not a fault
+        if new:
+            self.log("warning", "device_status_flags", new=new, total=self.status_flags)
 
     def _handle_device_events(self) -> None:
         while True:
@@ -388,6 +412,7 @@ class Engine:
         self.cb_time, self.cb_max, self.cb_count_window = 0.0, 0.0, 0
         p = self.playout
         return {
+            "pid": os.getpid(),
             "underruns": p.underruns,
             "underrun_ms": round(p.underrun_s * 1000.0, 3),
             "overruns": self.capture.dropped + self.flag_counts[bk.INPUT_OVERFLOW],
