@@ -21,12 +21,7 @@ from hydrad.service.notify import Notifier, parse_address, watchdog_usec
 from hydrad.sim.config import SimConfig
 
 from .harness import running
-from .test_service_support import notify_listener, work_around_engine_stop_race
-
-
-@pytest.fixture(autouse=True)
-def _engine_stop_race(monkeypatch: pytest.MonkeyPatch) -> None:
-    work_around_engine_stop_race(monkeypatch)
+from .test_service_support import notify_listener
 
 
 # ============================================================================ sd_notify

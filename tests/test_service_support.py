@@ -249,34 +249,3 @@ def pids_with_env(marker: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- workarounds
-
-def engine_stop_is_fixed() -> bool:
-    """Whether ``EngineClient.stop`` queues STOP behind the writer (patch P2 in the issue-6 report)
-    instead of writing to the engine's stdin itself, racing ``_writer`` (``BusyResourceError``
-    on shutdown, which crashes the daemon when a GATE/FLUSH frame is queued at that moment)."""
-    import inspect
-
-    from hydrad.engine.client import EngineClient
-
-    return "_outbox" in inspect.getsource(EngineClient.stop)
-
-
-async def _fixed_engine_stop(self: Any) -> None:
-    from hydrad.engine import wire
-    from hydrad.engine.wire import Kind
-
-    self.stopping = True
-    proc = self._proc
-    if proc is None or proc.returncode is not None or proc.stdin is None:
-        return
-    with trio.move_on_after(1.0):
-        await self._outbox.put(Kind.STOP, wire.encode_json(Kind.STOP))
-        await proc.wait()
-
-
-def work_around_engine_stop_race(monkeypatch: Any) -> None:
-    """In-process tests: use the patched ``EngineClient.stop`` until the real fix lands."""
-    if not engine_stop_is_fixed():
-        from hydrad.engine.client import EngineClient
-
-        monkeypatch.setattr(EngineClient, "stop", _fixed_engine_stop)

@@ -19,8 +19,6 @@ is logged with the plugin's name and counted; the worker goes on with the next e
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ import trio
 from ..events import EVENT_NAMES, Event, EventBus
 from . import hookspecs
 from .context import Controller, Runtime
-from .manager import LoadedPlugin, Plugins, call_impl, is_async
+from .manager import LoadedPlugin, Plugins, call_impl, run_impl
 
 log = structlog.get_logger("hydrad.plugins")
 
@@ -256,15 +254,7 @@ class HookDispatcher:
         outcome, error = "ok", None
         with trio.move_on_after(self.deadline_s) as scope:
             try:
-                if is_async(impl):
-                    await call_impl(impl, **kwargs)
-                else:
-                    result = await trio.to_thread.run_sync(
-                        functools.partial(call_impl, impl, **kwargs), limiter=self.limiter, abandon_on_cancel=True)
-                    if inspect.isawaitable(result):
-                        if inspect.iscoroutine(result):
-                            result.close()
-                        raise TypeError(f"{hook} is a plain def but returned an awaitable; declare it async def")
+                await run_impl(impl, hook, self.limiter, **kwargs)
             except Exception as exc:  # noqa: BLE001 - a broken plugin is logged, counted and skipped
                 outcome, error = "error", f"{type(exc).__name__}: {exc}"
                 stats["errors"] += 1

@@ -15,6 +15,7 @@ each line naming the plugin.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -25,6 +26,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import pluggy
 import structlog
+import trio
 
 from ..config import Config, ConfigError, PluginsConfig
 from . import hookspecs
@@ -161,6 +163,21 @@ def call_impl(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
 def is_async(impl: pluggy.HookImpl) -> bool:
     fn = impl.function
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+async def run_impl(impl: pluggy.HookImpl, hook: str, limiter: Any, **kwargs: Any) -> Any:
+    """Run one implementation off the pipeline: ``async def`` in this task, ``def`` in a worker
+    thread (abandoned, not killed, if the caller's deadline passes). A ``def`` that returns an
+    awaitable is a plugin bug, reported as such instead of silently never running."""
+    if is_async(impl):
+        return await call_impl(impl, **kwargs)
+    result = await trio.to_thread.run_sync(
+        functools.partial(call_impl, impl, **kwargs), limiter=limiter, abandon_on_cancel=True)
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError(f"{hook} is a plain def but returned an awaitable; declare it async def")
+    return result
 
 
 # ============================================================================ loading

@@ -10,8 +10,6 @@ error result, and is logged and counted under the plugin's name.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 from collections import Counter
 from typing import Any
@@ -20,7 +18,7 @@ import structlog
 import trio
 
 from ..session.tools import ToolError, encode_result
-from .manager import LoadedPlugin, Plugins, call_impl, is_async
+from .manager import LoadedPlugin, Plugins, run_impl
 
 log = structlog.get_logger("hydrad.plugins")
 
@@ -61,15 +59,7 @@ class PluginTools:
         kwargs = {"ctx": plugin.ctx, "name": name, "arguments": arguments, "call_id": call_id}
         t0 = time.perf_counter()
         try:
-            if is_async(impl):
-                result = await call_impl(impl, **kwargs)
-            else:
-                result = await trio.to_thread.run_sync(
-                    functools.partial(call_impl, impl, **kwargs), limiter=self.limiter, abandon_on_cancel=True)
-                if inspect.isawaitable(result):
-                    if inspect.iscoroutine(result):
-                        result.close()
-                    raise TypeError("hydrad_call_tool is a plain def but returned an awaitable; declare it async def")
+            result = await run_impl(impl, "hydrad_call_tool", self.limiter, **kwargs)
         except ToolError as exc:
             stats["errors"] += 1
             log.info("plugin_tool_error", plugin=plugin.name, tool=name, call_id=call_id, error=str(exc))
