@@ -67,18 +67,21 @@ def active_spans(x: np.ndarray, rate: int, threshold: float = 50.0, block_ms: in
 
 @dataclass
 class Rig:
-    sim: Simulator
+    sim: Simulator | None  # None when the test runs (and kills) its own server
     daemon: Daemon
     timeline: Timeline
     speaker: Path
     t0: float
+    #: monotonic time at which the last ``wait_for`` saw its condition true
+    last_seen: float = 0.0
 
     async def wait_for(self, pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
         with trio.move_on_after(timeout):
             while not (value := pred()):
-                await trio.sleep(0.02)
+                await trio.sleep(0.01)
+            self.last_seen = time.monotonic()
             return value
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; daemon state {self.daemon.state}")
 
     def events(self, name: str) -> list[Any]:
         return self.timeline.named(name)
@@ -91,33 +94,46 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path: Path, *, sim_config: SimConfig | None = None, mic: list[tuple[Path, float]] = (),
-                  overrides: dict[str, Any] | None = None, tools: ToolProvider | None = None,
-                  backend: str = "wav") -> AsyncIterator[Rig]:
-    sim = Simulator(sim_config or SimConfig(reply_s=1.0))
+async def daemon_at(tmp_path: Path, url: str, *, mic: list[tuple[Path, float]] = (),
+                    overrides: dict[str, Any] | None = None, tools: ToolProvider | None = None,
+                    backend: str = "wav", key: str = "test-key", sim: Simulator | None = None) -> AsyncIterator[Rig]:
+    """A real Daemon (real engine child) pointed at ``url``; stopped gracefully on exit."""
     speaker = tmp_path / "speaker.wav"
     bus = EventBus()
     timeline = Timeline()
     bus.subscribe(timeline)
+    data: dict[str, Any] = {
+        "hydra": {"url": url, "ping_interval_s": 1.0, "ping_timeout_s": 2.0, "connect_timeout_s": 5.0},
+        "audio": {"backend": backend, "wav": {"mic": [{"path": str(p), "at": at} for p, at in mic],
+                                              "speaker": str(speaker), "speaker_rate": 24000}},
+        "control": {"enabled": False},
+        "reconnect": {"initial_s": 0.1, "max_s": 0.5},
+    }
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update(values)
+    cfg = config_from_dict(data, "test")
+    t0 = time.monotonic()
+    daemon = Daemon(cfg, Secret(key, "test"), tools=tools, bus=bus, engine_options={"t0_speaker": t0})
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(sim.serve)
-        data: dict[str, Any] = {
-            "hydra": {"url": f"ws://127.0.0.1:{port}/waves/v1/s2s", "ping_interval_s": 1.0, "ping_timeout_s": 2.0},
-            "audio": {"backend": backend, "wav": {"mic": [{"path": str(p), "at": at} for p, at in mic],
-                                                  "speaker": str(speaker), "speaker_rate": 24000}},
-            "control": {"enabled": False},
-            "reconnect": {"initial_s": 0.1, "max_s": 0.5},
-        }
-        for section, values in (overrides or {}).items():
-            data.setdefault(section, {}).update(values)
-        cfg = config_from_dict(data, "test")
-        t0 = time.monotonic()
-        daemon = Daemon(cfg, Secret("test-key", "test"), tools=tools, bus=bus, engine_options={"t0_speaker": t0})
         await nursery.start(daemon.run)
         try:
             yield Rig(sim, daemon, timeline, speaker, t0)
         finally:
             daemon.request_stop()
-            with trio.move_on_after(5):
+            with trio.move_on_after(6):
                 await daemon.stopped.wait()
             nursery.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, *, sim_config: SimConfig | None = None, mic: list[tuple[Path, float]] = (),
+                  overrides: dict[str, Any] | None = None, tools: ToolProvider | None = None,
+                  backend: str = "wav") -> AsyncIterator[Rig]:
+    """The simulator on a free port and a daemon talking to it."""
+    sim = Simulator(sim_config or SimConfig(reply_s=1.0))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(sim.serve)
+        async with daemon_at(tmp_path, f"ws://127.0.0.1:{port}/waves/v1/s2s", mic=mic, overrides=overrides,
+                             tools=tools, backend=backend, sim=sim) as rig:
+            yield rig
+        nursery.cancel_scope.cancel()

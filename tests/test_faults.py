@@ -16,20 +16,17 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import numpy as np
 import pytest
 import trio
 
-from hydrad.config import Secret, config_from_dict
-from hydrad.demo import Timeline
-from hydrad.events import EventBus
-from hydrad.pipeline.daemon import Daemon
+from hydrad.config import Secret
 from hydrad.sim.config import SimConfig, TurnAction
 from hydrad.sim.server import Simulator
 
-from .harness import HELLO, active_spans, read_wav
+from .harness import HELLO, active_spans, daemon_at, read_wav
 from .test_service_support import (
     StallingProxy, notify_listener, pids_with_env, resources,
 )
@@ -46,55 +43,6 @@ def report(name: str, **values: Any) -> None:
 
 
 # ============================================================================ in-process rig
-
-@dataclasses.dataclass
-class DaemonRig:
-    daemon: Daemon
-    timeline: Timeline
-    speaker: Path
-    t0: float
-
-    async def wait_for(self, pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> float:
-        """Wait until ``pred()`` is true; returns the monotonic time it was seen true."""
-        with trio.move_on_after(timeout):
-            while not pred():
-                await trio.sleep(0.01)
-            return time.monotonic()
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}; daemon state {self.daemon.state}")
-
-    def events(self, name: str) -> list[Any]:
-        return self.timeline.named(name)
-
-
-@contextlib.asynccontextmanager
-async def daemon_at(tmp_path: Path, url: str, *, mic: list[tuple[Path, float]] = (),
-                    overrides: dict[str, Any] | None = None, key: str = "test-key") -> AsyncIterator[DaemonRig]:
-    """A real Daemon (real engine child, wav backend) pointed at ``url``; the test owns the server."""
-    speaker = tmp_path / "speaker.wav"
-    data: dict[str, Any] = {
-        "hydra": {"url": url, "ping_interval_s": 1.0, "ping_timeout_s": 2.0, "connect_timeout_s": 5.0},
-        "audio": {"backend": "wav", "wav": {"mic": [{"path": str(p), "at": at} for p, at in mic],
-                                            "speaker": str(speaker), "speaker_rate": 24000}},
-        "control": {"enabled": False},
-        "reconnect": {"initial_s": 0.1, "max_s": 0.5},
-    }
-    for section, values in (overrides or {}).items():
-        data.setdefault(section, {}).update(values)
-    cfg = config_from_dict(data, "test")
-    bus, timeline = EventBus(), Timeline()
-    bus.subscribe(timeline)
-    t0 = time.monotonic()
-    daemon = Daemon(cfg, Secret(key, "test"), bus=bus, engine_options={"t0_speaker": t0})
-    async with trio.open_nursery() as nursery:
-        await nursery.start(daemon.run)
-        try:
-            yield DaemonRig(daemon, timeline, speaker, t0)
-        finally:
-            daemon.request_stop()
-            with trio.move_on_after(6):
-                await daemon.stopped.wait()
-            nursery.cancel_scope.cancel()
-
 
 def sim_url(port: int) -> str:
     return f"ws://127.0.0.1:{port}{SIM_PATH}"
@@ -134,12 +82,14 @@ async def test_simulator_killed_mid_reply_reconnects_within_the_backoff_bound(tm
             engine_pid = d.engine.pid
             t_kill = time.monotonic()
             scope_box["scope"].cancel()  # the service dies mid-reply: every connection is torn down
-            t_detect = await rig.wait_for(lambda: d.state != "connected", timeout=5, what="the loss detected")
+            await rig.wait_for(lambda: d.state != "connected", timeout=5, what="the loss detected")
+            t_detect = rig.last_seen
             await trio.sleep(1.0)  # down for a while: refused connection attempts, backing off
             t_restart = time.monotonic()
             await outer.start(serve, port)
-            t_up = await rig.wait_for(lambda: d.state == "connected" and len(sim.sessions) == 2, timeout=10,
+            await rig.wait_for(lambda: d.state == "connected" and len(sim.sessions) == 2, timeout=10,
                                       what="a new configured session")
+            t_up = rig.last_seen
             await rig.wait_for(lambda: appends(sim.sessions[1]) > 25, what="audio on the new session")
             after = resources()
             # Backoff bound: max_s (0.5 s) + connect + handshake.
@@ -176,9 +126,11 @@ async def test_stalled_tcp_connection_is_detected_by_ping_within_the_bound(tmp_p
             before = resources()
             engine_pid = d.engine.pid
             t_stall = proxy.stall()
-            t_detect = await rig.wait_for(lambda: d.counters["ping_timeouts"] >= 1, timeout=10, what="ping timeout")
-            t_up = await rig.wait_for(lambda: d.state == "connected" and len(sim.sessions) == 2, timeout=10,
+            await rig.wait_for(lambda: d.counters["ping_timeouts"] >= 1, timeout=10, what="ping timeout")
+            t_detect = rig.last_seen
+            await rig.wait_for(lambda: d.state == "connected" and len(sim.sessions) == 2, timeout=10,
                                       what="reconnected through a fresh connection")
+            t_up = rig.last_seen
             await rig.wait_for(lambda: appends(sim.sessions[1]) > 25, what="audio on the new session")
             proxy.release()  # the test's own sockets of the frozen connection
             await rig.wait_for(lambda: not sim.sessions[0].live, timeout=5, what="the simulator's old session closed")
@@ -228,7 +180,8 @@ async def test_server_full_backs_off_with_jitter_up_to_its_own_cap(tmp_path: Pat
             # Capacity comes back: the next attempt gets in, within one capped delay.
             sim.config = dataclasses.replace(sim.config, server_full=False)
             t_free = time.monotonic()
-            t_up = await rig.wait_for(lambda: d.state == "connected", timeout=10, what="a session once not full")
+            await rig.wait_for(lambda: d.state == "connected", timeout=10, what="a session once not full")
+            t_up = rig.last_seen
             assert t_up - t_free < cap + 1.0
             report("server_full + 1013", gaps_s=" ".join(f"{g:.2f}" for g in gaps), connected_after_free_s=t_up - t_free)
         outer.cancel_scope.cancel()
