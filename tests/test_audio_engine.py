@@ -113,7 +113,9 @@ def test_flush_fades_out_within_one_block_plus_latency_without_click(vaudio_fact
         stop_ms = (t_stop - fl["t_received"]) * 1000
         bound_ms = block_ms + fade_ms + latency * 1000
         assert stop_ms <= bound_ms + 2.0, f"silent after {stop_ms:.1f} ms, bound {bound_ms:.1f} ms"
-        assert abs(t_stop - fl["t_silent"]) <= 0.005, (t_stop - fl["t_silent"]) * 1000
+        # t_silent is anchored to callback times, so its resolution is one block of scheduling
+        # jitter (5.1 ms was seen with both cores saturated; unloaded it is under 1 ms).
+        assert abs(t_stop - fl["t_silent"]) <= block_ms / 1000, (t_stop - fl["t_silent"]) * 1000
         steps = np.abs(np.diff(x[i_stop - 3 * fade_n: i_stop + 10]))
         assert steps.max() <= slope + 0.4 * 32767 / fade_n + 2, f"click: step {steps.max():.0f}"
         # the last fade_n samples are the ramp: they fall to 0 and never jump

@@ -307,6 +307,8 @@ async def test_kit_with_the_wav_backend_records_what_the_user_heard(tmp_path) ->
                             entry_points=True) as h:
         await h.say("hello", seconds=1.0)
         done = await h.wait_for_event("response_done")
+        # hooks run off the pipeline (a def hook in a worker thread): wait for the call to finish
+        await h.wait_for_hook("hydrad_response_done", SYNC)
         assert h.hooks_called(SYNC).count("hydrad_response_done") == 1
         assert done.fields["metrics"]["heard_s"] == pytest.approx(1.0, abs=0.05)
     with wave.open(str(tmp_path / "speaker.wav")) as w:
