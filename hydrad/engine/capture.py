@@ -39,6 +39,9 @@ class Capture:
         self.frame_n = int(n)
         self.quality = quality
         self._emit = emit
+        #: optional ``sink(pcm16_bytes, t_adc)``: when set (the echo canceller's worker), each
+        #: frame's PCM goes there instead of ``encode_capture`` + ``emit`` (counted in ``frames``)
+        self.sink: Callable[[bytes, float], Any] | None = None
         self.in_rate = OUT_RATE
         self.channels = 1
         self.gain = 1.0          # mic gain (linear), applied with the int16 scaling
@@ -105,8 +108,11 @@ class Capture:
             np.multiply(acc[i : i + fn], 32768.0, out=tmp)
             np.rint(tmp, out=tmp)
             np.clip(tmp, -32768.0, 32767.0, out=tmp)
-            frame = encode_capture(t, tmp.astype("<i2").tobytes())
-            if self._emit(frame):
+            sink = self.sink
+            if sink is not None:
+                sink(tmp.astype("<i2").tobytes(), t)
+                self.frames += 1
+            elif self._emit(encode_capture(t, tmp.astype("<i2").tobytes())):
                 self.frames += 1
             else:
                 self.dropped += 1

@@ -33,9 +33,10 @@ import numpy as np
 from . import wire
 from .backends import base as bk
 from .backends import create as create_backend
+from .aec import AecUnavailable, AecWorker, make_canceller
 from .capture import Capture
 from .playout import Playout
-from .wire import Kind, WireError
+from .wire import Kind, WireError, encode_capture
 
 EXIT_OK, EXIT_INTERNAL, EXIT_PROTOCOL, EXIT_CONFIG = 0, 1, 2, 3
 
@@ -169,6 +170,13 @@ class Engine:
             self.backend = create_backend(backend_name, options, self.block_ms, self)
         except (ValueError, TypeError, bk.DeviceError) as exc:
             raise ConfigError(str(exc)) from None
+        # echo canceller (docs/aec.md): cleaned in a worker thread, off the audio callbacks
+        self.aec_mode = options.get("aec", "off")
+        try:
+            canceller = make_canceller(self.aec_mode)
+        except (AecUnavailable, ValueError, TypeError) as exc:
+            raise ConfigError(str(exc)) from None  # exit 3: asked for, not available
+        self.aec: AecWorker | None = None
         self.backend_name = backend_name
         self.playout = Playout(writer.put, device_rate=24000, input_rate=session_rate,
                                fade_ms=self.fade_ms, duck_ms=self.duck_ms, quality=pq)
@@ -192,6 +200,11 @@ class Engine:
         self._flags_logged: dict[int, int] = {}
         self._out_tmp = np.zeros(8192, np.float32)
         self.reference = None  # optional (mono float32 view, t_dac) -> None: the AEC far end
+        if canceller is not None:
+            aec = self.aec = AecWorker(canceller, self._emit_cleaned)
+            self.capture.sink = aec.put_capture
+            self.reference = lambda mono, t_dac: aec.put_reference(mono, self.playout.device_rate, t_dac)
+        self._opened_once = False
         # housekeeping
         self._events: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -210,6 +223,11 @@ class Engine:
             return False
         self.writer.q.put(frame)
         return True
+
+    def _emit_cleaned(self, pcm: bytes, t_adc: float) -> None:
+        """The AEC worker's output: one echo-cancelled capture frame (worker thread)."""
+        if not self._emit_capture(encode_capture(t_adc, pcm)):
+            self.capture.dropped += 1
 
     def process(self, indata: np.ndarray | None, outdata: np.ndarray | None,
                 t_adc: float, t_dac: float, status: int = 0) -> None:
@@ -280,6 +298,9 @@ class Engine:
             self._last_cb = 0.0
             if self.gate_state is not None:
                 self.backend.gate(*self.gate_state)
+            if self.aec is not None and self._opened_once:
+                self.aec.put_reset()  # a reopened device: new latencies, new echo path
+            self._opened_once = True
             self.backend.start()
         except Exception:
             self.backend.close()
@@ -289,7 +310,10 @@ class Engine:
 
     def start(self) -> dict[str, Any]:
         """Open devices; return the READY payload."""
-        ready: dict[str, Any] = {"pid": os.getpid(), "backend": self.backend_name}
+        ready: dict[str, Any] = {"pid": os.getpid(), "backend": self.backend_name,
+                                 "aec": self.aec_mode}
+        if self.aec is not None:
+            self.aec.start()
         with self.control:
             try:
                 self._open()
@@ -320,6 +344,8 @@ class Engine:
             self.running = False
             self.backend.close()
             self.device_state = "closed"
+        if self.aec is not None:
+            self.aec.stop()  # processes what is queued: the cleaned frames still reach the writer
         self._hk.join(timeout=1.0)
 
     # ---- housekeeping thread ----------------------------------------------------------------
@@ -431,6 +457,7 @@ class Engine:
             "callback_us_max": round(cb_max * 1e6, 1),
             "dropped_after_flush": p.dropped_late,
             "overflow_dropped": p.overflow_dropped,
+            "aec": self.aec.stats() if self.aec is not None else None,
             **self.backend.describe(),
         }
 
@@ -516,6 +543,10 @@ class Reader:
 
 
 def run(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
+    if stdin is None:
+        # the engine process: a 1 ms GIL switch interval keeps the audio callbacks and the
+        # AEC worker from waiting a 5 ms slice behind another thread (docs/aec.md)
+        sys.setswitchinterval(0.001)
     reader = Reader((stdin if stdin is not None else sys.stdin.buffer).fileno())
     writer = Writer(stdout if stdout is not None else sys.stdout.buffer)
     engine: Engine | None = None

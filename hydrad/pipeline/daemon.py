@@ -103,6 +103,8 @@ class Daemon(EngineHandlers):
         self._reconfigure = trio.Event()
         self.uplink_latency_ms: collections.deque[float] = collections.deque(maxlen=500)
         self._meter = EnergyMeter(cfg.barge_in.guard_threshold_dbfs)
+        #: the engine's echo-canceller stats from its latest STATS (None: off, system, or not yet)
+        self.aec_stats: dict[str, Any] | None = None
         #: the debug recorder's taps (hydrad.observe.recorder.Recorder), when recording is on
         self.recorder: Any = None
 
@@ -443,7 +445,8 @@ class Daemon(EngineHandlers):
                                           float(info.get("t_received", 0.0)), float(info.get("t_silent", 0.0))))
 
     def on_stats(self, info: dict[str, Any]) -> None:
-        pass
+        # the engine's echo canceller (None when audio.aec is off/system or the backend has none)
+        self.aec_stats = info.get("aec")
 
     def on_device(self, info: dict[str, Any]) -> None:
         log.warning("audio_device", **{k: v for k, v in info.items() if k != "event"})
@@ -452,6 +455,8 @@ class Daemon(EngineHandlers):
     def on_state(self, state: str, detail: str | None) -> None:
         log.info("engine_state", state=state, pid=self.engine.pid)
         self.bus.publish(Event("engine_state", {"state": state, "detail": detail}))
+        if state == "restarting":
+            self.aec_stats = None  # the next engine reports its own
         if state == "restarting" and self.conversation is not None:
             self._apply_now(self.conversation, self.conversation.on_playback_lost())
 
@@ -506,9 +511,27 @@ class Daemon(EngineHandlers):
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "sessions": self.sessions,
             "engine": self.engine.status(),
+            "echo": self._echo_status(),
             "last_error": self.last_error,
             "last_session_end": self.last_end.__dict__ if self.last_end else None,
             "config_source": self.cfg.source,
+        }
+
+    def _echo_status(self) -> dict[str, Any] | None:
+        """The canceller's view from the latest engine STATS (issue 7 observability)."""
+        a = self.aec_stats
+        if not a:
+            return None
+        return {
+            "mode": a.get("aec"),
+            "erle_db": a.get("erle_db"),                       # median over far-end-active frames
+            "residual_echo_dbfs": a.get("residual_echo_dbfs"),
+            "delay_ms": a.get("delay_ms"),                     # hint given to AEC3
+            "path_delay_ms": a.get("path_delay_ms"),           # t_dac - t_adc estimate
+            "predelay_ms": a.get("predelay_ms"),
+            "capture_us_mean": a.get("capture_us_mean"),
+            "worker_latency_us_max": a.get("worker_latency_us_max"),
+            "errors": a.get("errors"),
         }
 
     def reload(self, cfg: Config, api_key: Secret | None) -> None:
