@@ -13,12 +13,10 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import wave
 from pathlib import Path
-from typing import Any, Callable
+
 
 import numpy as np
 import pytest
@@ -26,126 +24,15 @@ import pytest
 from hydrad.engine import wire
 from hydrad.engine.wire import Kind
 
-REPO = Path(__file__).resolve().parents[1]
+from .engine_driver import REPO, EngineProc
 
 
 # ---------------------------------------------------------------------------------------------
 # harness
 
 
-class Engine:
-    """A running engine child with a reader thread collecting its messages."""
-
-    def __init__(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        self.stderr = tempfile.TemporaryFile()
-        self.p = subprocess.Popen(
-            [sys.executable, "-m", "hydrad.engine"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-            cwd=str(REPO), env=env,
-        )
-        self.msgs: list[tuple[float, wire.Message]] = []  # (arrival monotonic, message)
-        self.cond = threading.Condition()
-        self.reading = threading.Event()  # clear it to stop reading the engine's stdout
-        self.reading.set()
-        self.eof = False
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.p.stdout is not None
-        try:
-            while True:
-                self.reading.wait()
-                m = wire.read_message(self.p.stdout)
-                with self.cond:
-                    if m is None:
-                        self.eof = True
-                        self.cond.notify_all()
-                        return
-                    self.msgs.append((time.monotonic(), m))
-                    self.cond.notify_all()
-        except Exception:
-            with self.cond:
-                self.eof = True
-                self.cond.notify_all()
-
-    # -- sending
-    def send_raw(self, data: bytes) -> None:
-        assert self.p.stdin is not None
-        self.p.stdin.write(data)
-        self.p.stdin.flush()
-
-    def send(self, kind: Kind, obj: dict[str, Any] | None = None) -> None:
-        self.send_raw(wire.encode_json(kind, obj))
-
-    def play(self, rid: str, pcm: np.ndarray | bytes, chunk: int = 4800) -> None:
-        """PLAY in chunks of ``chunk`` samples (the daemon forwards Hydra deltas like this)."""
-        data = pcm if isinstance(pcm, bytes) else np.asarray(pcm, "<i2").tobytes()
-        for i in range(0, len(data), 2 * chunk):
-            self.send_raw(wire.encode_play(rid, data[i : i + 2 * chunk]))
-
-    # -- receiving
-    def wait_for(self, pred: Callable[[wire.Message], bool], timeout: float = 5.0,
-                 start: int = 0) -> tuple[float, wire.Message]:
-        deadline = time.monotonic() + timeout
-        i = start
-        with self.cond:
-            while True:
-                while i < len(self.msgs):
-                    t, m = self.msgs[i]
-                    i += 1
-                    if pred(m):
-                        return t, m
-                if self.eof:
-                    raise AssertionError(f"engine exited (rc={self.p.poll()}) before the message came;"
-                                         f" stderr: {self.read_stderr()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError("timed out waiting for a message; got kinds "
-                                         f"{sorted({m.kind.name for _, m in self.msgs})}")
-                self.cond.wait(left)
-
-    def wait_json(self, kind: Kind, pred: Callable[[dict], bool] = lambda o: True,
-                  timeout: float = 5.0) -> dict[str, Any]:
-        _, m = self.wait_for(lambda m: m.kind == kind and pred(m.json()), timeout)
-        return m.json()
-
-    def all_json(self, kind: Kind) -> list[dict[str, Any]]:
-        with self.cond:
-            return [m.json() for _, m in self.msgs if m.kind == kind]
-
-    def captures(self) -> list[tuple[float, float, bytes]]:
-        """(arrival, t_adc, pcm) of every CAPTURE so far."""
-        with self.cond:
-            return [(t, *wire.decode_capture(m.payload)) for t, m in self.msgs
-                    if m.kind == Kind.CAPTURE]
-
-    def read_stderr(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors="replace")[-2000:]
-
-    # -- lifecycle
-    def config(self, backend: str = "null", options: dict | None = None, **extra: Any) -> dict:
-        cfg = {"backend": backend, "options": options or {}, "frame_ms": 20, "block_ms": 10,
-               "fade_ms": 5, **extra}
-        self.send(Kind.CONFIG, cfg)
-        return self.wait_json(Kind.READY, timeout=10.0)
-
-    def stop(self, timeout: float = 5.0) -> int:
-        try:
-            self.send(Kind.STOP, {})
-        except (BrokenPipeError, OSError):
-            pass
-        rc = self.p.wait(timeout)
-        self._reader.join(2.0)
-        return rc
-
-    def kill(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-        self.p.wait(5)
+class Engine(EngineProc):
+    """The engine tests' default: the ``null`` backend (``config("wav", ...)`` for the wav one)."""
 
 
 @pytest.fixture

@@ -1,137 +1,21 @@
-"""Drive an engine child (``python -m hydrad.engine``) directly over its pipes (wire.py), with a
-reader thread collecting its messages: for engine-level tests on the virtual devices."""
+"""The engine driver of ``tests/engine_driver.py``, defaulting to the sounddevice backend,
+for engine-level tests on the virtual devices."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
+from ..engine_driver import REPO, EngineProc as _EngineProc
 
-from hydrad.engine import wire
-from hydrad.engine.wire import Kind
-
-REPO = Path(__file__).resolve().parents[2]
+__all__ = ["REPO", "EngineProc"]
 
 
-class EngineProc:
-    def __init__(self, env: dict[str, str] | None = None) -> None:
-        env = dict(env if env is not None else os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        self.stderr = tempfile.TemporaryFile()
-        self.p = subprocess.Popen([sys.executable, "-m", "hydrad.engine"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=self.stderr, cwd=str(REPO), env=env)
-        self.msgs: list[tuple[float, wire.Message]] = []
-        self.cond = threading.Condition()
-        self.eof = False
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+class EngineProc(_EngineProc):
+    backend = "sounddevice"
 
-    def _read(self) -> None:
-        assert self.p.stdout is not None
-        try:
-            while True:
-                m = wire.read_message(self.p.stdout)
-                with self.cond:
-                    if m is None:
-                        self.eof = True
-                        self.cond.notify_all()
-                        return
-                    self.msgs.append((time.monotonic(), m))
-                    self.cond.notify_all()
-        except Exception:
-            with self.cond:
-                self.eof = True
-                self.cond.notify_all()
+    def config(self, options: dict[str, Any] | None = None, *, wait: bool = True,  # type: ignore[override]
+               **extra: Any) -> dict[str, Any]:
+        return super().config(None, options, wait=wait, **extra)
 
-    def send(self, kind: Kind, obj: dict[str, Any] | None = None) -> None:
-        assert self.p.stdin is not None
-        self.p.stdin.write(wire.encode_json(kind, obj))
-        self.p.stdin.flush()
-
-    def play(self, rid: str, pcm: np.ndarray, chunk: int = 2400) -> None:
-        assert self.p.stdin is not None
-        data = np.clip(np.round(pcm), -32768, 32767).astype("<i2").tobytes()
-        for i in range(0, len(data), 2 * chunk):
-            self.p.stdin.write(wire.encode_play(rid, data[i: i + 2 * chunk]))
-        self.p.stdin.flush()
-
-    def config(self, options: dict[str, Any] | None = None, *, wait: bool = True, **extra: Any) -> dict[str, Any]:
-        cfg = {"backend": "sounddevice", "options": options or {}, "frame_ms": 20, "block_ms": 10, "fade_ms": 5,
-               **extra}
-        self.send(Kind.CONFIG, cfg)
-        return self.wait_json(Kind.READY, timeout=10.0) if wait else {}
-
-    def wait_for(self, pred: Callable[[wire.Message], bool], timeout: float = 5.0, start: int = 0
-                 ) -> tuple[float, wire.Message]:
-        deadline = time.monotonic() + timeout
-        i = start
-        with self.cond:
-            while True:
-                while i < len(self.msgs):
-                    t, m = self.msgs[i]
-                    i += 1
-                    if pred(m):
-                        return t, m
-                if self.eof:
-                    raise AssertionError(f"engine exited (rc={self.p.poll()}) before the message came; "
-                                         f"stderr: {self.read_stderr()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out waiting for a message; last: "
-                                         f"{[(m.kind.name) for _, m in self.msgs[-10:]]}")
-                self.cond.wait(left)
-
-    def wait_json(self, kind: Kind, pred: Callable[[dict[str, Any]], bool] = lambda o: True,
-                  timeout: float = 5.0, start: int = 0) -> dict[str, Any]:
-        _, m = self.wait_for(lambda m: m.kind == kind and pred(m.json()), timeout, start)
-        return m.json()
-
-    def mark(self) -> int:
-        with self.cond:
-            return len(self.msgs)
-
-    def all_json(self, kind: Kind) -> list[dict[str, Any]]:
-        with self.cond:
-            return [m.json() for _, m in self.msgs if m.kind == kind]
-
-    def timed_json(self, kind: Kind) -> list[tuple[float, dict[str, Any]]]:
-        with self.cond:
-            return [(t, m.json()) for t, m in self.msgs if m.kind == kind]
-
-    def captures(self, start: int = 0) -> list[tuple[float, float, bytes]]:
-        """(arrival, t_adc, pcm) of the CAPTURE frames from message index ``start``."""
-        with self.cond:
-            return [(t, *wire.decode_capture(m.payload)) for t, m in self.msgs[start:] if m.kind == Kind.CAPTURE]
-
-    def capture_audio(self, start: int = 0) -> tuple[np.ndarray, list[float]]:
-        caps = self.captures(start)
-        x = np.frombuffer(b"".join(c[2] for c in caps), "<i2").astype(np.float64)
-        return x, [c[1] for c in caps]
-
-    def read_stderr(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors="replace")[-3000:]
-
-    def stop(self, timeout: float = 5.0) -> int | None:
-        try:
-            self.send(Kind.STOP, {})
-        except (BrokenPipeError, OSError, ValueError):
-            pass
-        try:
-            return self.p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-
-    def kill(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-        self.p.wait(5)
-        self.stderr.close()
+    def play(self, rid: str, pcm: Any, chunk: int = 2400) -> None:  # 50 ms PLAYs at 48 kHz
+        super().play(rid, pcm, chunk)
