@@ -71,8 +71,9 @@ def test_session_rates_24k_and_48k_onto_device_rate(vaudio_factory, engine, devi
 @pytest.mark.xfail(strict=False, reason=(
     "known intermittent: in 2 of the last 3 full-suite runs one flush on the virtual device showed a hard cut "
     "(a 7665-LSB step where the 5 ms fade belongs) or a t_silent error above bound; never in isolation (6/6). "
-    "Device glitch or an engine race (suspect: the playout resampler's tail push racing FLUSH): issue 3 stays "
-    "open until explained. The fade itself is checked deterministically in tests/test_engine.py (wav backend)."))
+    "Device-side glitch (null sink / parecord monitor) or the callback rendering concurrently with FLUSH; the "
+    "resampler tail drain is ruled out (serialised with FLUSH by the engine's control lock). Issue 3 stays open "
+    "until explained; the fade itself is checked deterministically in tests/test_engine.py (wav backend)."))
 def test_flush_fades_out_within_one_block_plus_latency_without_click(vaudio_factory, engine):  # noqa: F811
     """FLUSH at random instants over a real device. The signal is a tone on a DC offset, so a
     hard cut would be a jump of at least 0.1 full scale wherever it lands (a pure tone or the
