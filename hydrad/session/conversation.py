@@ -223,6 +223,12 @@ class Conversation:
             return "thinking"
         return "idle"
 
+    def _cuttable(self) -> list[ResponseState]:
+        """What a cut applies to: responses audible here or still being produced, not yet flushed, each once."""
+        flight = self.in_flight
+        found = self.audible() + ([flight] if flight is not None else [])
+        return [r for r in {id(r): r for r in found}.values() if not r.flushed]
+
     def _flush(self, trigger: str, targets: list[ResponseState]) -> list[Effect]:
         """Cut every target: mark flushed (late deltas dropped) and tell the engine once."""
         if not targets:
@@ -279,8 +285,7 @@ class Conversation:
         self.speech_started_t = self.clock()
         self._speech_start_ms = ev.audio_start_ms
         out: list[Effect] = []
-        busy = [r for r in (self.audible() + ([self.in_flight] if self.in_flight else [])) if not r.flushed]
-        busy = list({id(r): r for r in busy}.values())
+        busy = self._cuttable()
         out.append(self._emit("speech_started", item_id=ev.item_id, audio_start_ms=ev.audio_start_ms,
                               during_response=bool(busy)))
         if busy and self.policy == "immediate":
@@ -478,12 +483,12 @@ class Conversation:
         out: list[Effect] = []
         if flight is not None and not flight.flushed:
             out.append(Send(F.response_cancel(flight.response_id), "response.cancel"))
-        targets = [r for r in audible + ([flight] if flight else []) if not r.flushed]
-        targets = list({id(r): r for r in targets}.values())
+        targets = self._cuttable()
         self._abandon_tool_turn()
         out += self._flush("cancel", targets)
+        named = flight or (audible[-1] if audible else None)
         info = {"in_flight": flight is not None, "audible": bool(audible),
-                "response_id": (flight or (audible[-1] if audible else None)).response_id if (flight or audible) else None}
+                "response_id": named.response_id if named else None}
         out.append(self._emit("cancel_requested", source=source, response_id=info["response_id"],
                               in_flight=info["in_flight"]))
         return out, info
