@@ -433,7 +433,11 @@ class Conversation:
         return [RunTool(ev.call_id, call.name, args)]
 
     def _tool_turn_for(self, response_id: str) -> ToolTurn:
-        if self.tool_turn is None or self.tool_turn.create_sent or self.tool_turn.response_id != response_id and not self.tool_turn.pending:
+        """The tool turn a call belongs to: a new one unless the current one is still open for it."""
+        t = self.tool_turn
+        finished = t is None or t.create_sent
+        other_idle_response = t is not None and t.response_id != response_id and not t.pending
+        if finished or other_idle_response:
             self.tool_turn = ToolTurn(response_id)
         return self.tool_turn
 
