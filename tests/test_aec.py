@@ -464,3 +464,31 @@ def test_reference_formats_are_equivalent():
     erles = [r[0] for r in results.values()]
     assert min(erles) >= 20.0 and max(erles) - min(erles) < 0.1, results
     assert len({r[1] for r in results.values()}) == 1, results
+
+
+# ---- the dump (HYDRAD_AEC_DUMP) ------------------------------------------------------------
+@pytest.mark.parametrize("delay", [0.04, 0.09])
+def test_dump_lines_the_streams_up_as_the_apm_saw_them(tmp_path, delay):
+    """The dump holds exactly what the APM was given, and bench/aec_dump.py recovers the
+    scene's echo delay from it exactly, and the 5 ms the reference is given ahead on average
+    (10 ms blocks, 20 ms capture frames), so a drifting path would show in it."""
+    from bench.aec_dump import analyse, load
+
+    s = scene(delay_s=delay, far_kind="speech")
+    c = EchoCanceller()
+    c.dump = aec_mod.AecDump(str(tmp_path))
+    out = drive(c, s)
+    c.close()
+    d = load(tmp_path)
+    assert len(d.given) == c.frames and np.array_equal(d.near, s.mic[: len(d.near)])
+    assert np.array_equal(d.out, out[: len(d.out)])
+    assert len(d.far16) == c.reference_frames * 160
+    assert np.all(np.diff(d.given) >= 0) and d.given[-1] <= c.reference_frames
+    bursts = analyse(d)
+    assert bursts, "no far-end burst found"
+    assert len(bursts) == 5, bursts
+    for b in bursts:
+        assert b.delay_ms == delay * 1000 and b.corr > 0.6, b
+        assert b.ahead_ms == pytest.approx(5.0, abs=0.1), b
+        if b.end_s < s.near_at:  # echo only: cancelled from the first 200 ms on
+            assert max(b.out_first_dbfs, b.out_rest_dbfs) < b.near_dbfs - 30, b

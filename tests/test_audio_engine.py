@@ -68,26 +68,30 @@ def test_session_rates_24k_and_48k_onto_device_rate(vaudio_factory, engine, devi
         assert np.abs(seg).max() == pytest.approx(0.3 * 32767, rel=0.05)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known intermittent: in 2 of the last 3 full-suite runs one flush on the virtual device showed a hard cut "
-    "(a 7665-LSB step where the 5 ms fade belongs) or a t_silent error above bound; never in isolation (6/6). "
-    "Device-side glitch (null sink / parecord monitor) or the callback rendering concurrently with FLUSH; the "
-    "resampler tail drain is ruled out (serialised with FLUSH by the engine's control lock). Issue 3 stays open "
-    "until explained; the fade itself is checked deterministically in tests/test_engine.py (wav backend)."))
-def test_flush_fades_out_within_one_block_plus_latency_without_click(vaudio_factory, engine):  # noqa: F811
-    """FLUSH at random instants over a real device. The signal is a tone on a DC offset, so a
-    hard cut would be a jump of at least 0.1 full scale wherever it lands (a pure tone or the
-    simulator's buzz can be cut at a zero crossing and hide it)."""
-    R, block_ms, fade_ms = 48000, 10, 5
-    va = vaudio_factory(rate=R)
+def _starved(stats: list[dict], block_ms: float) -> str | None:
+    """Why the host starved the audio callback during a run, per the engine's own STATS (None:
+    it did not). On the virtual device the output buffer holds ~20 ms ahead of the DAC; a
+    callback held off longer (the machine's other processes on both cores) lets PulseAudio
+    insert silence, down to single zero samples, which the ALSA plugin only sometimes flags."""
+    for s in stats:
+        if s["flags"]["output_underflow"]:
+            return f"output_underflow {s['flags']['output_underflow']}"
+        lo = (s.get("dac_delay_ms") or [None])[0]
+        if lo is not None and lo < block_ms / 2:
+            return f"output headroom down to {lo} ms (callback gap {s.get('callback_gap_ms_max')} ms)"
+    return None
+
+
+def _flush_run(va, e, seed: int, R: int, block_ms: int, fade_ms: int) -> tuple[list[str], str | None]:
+    """Four FLUSHes at random instants into a playing tone; the problems found in the speaker
+    recording, and whether the host starved the callback meanwhile."""
     rec = va.record()
     rec.wait_started()
-    e = engine()
     ready = e.config({"output_rate": R}, block_ms=block_ms, fade_ms=fade_ms)
     latency = ready["output"]["latency"]
     n = int(1.2 * 24000)
     sig = (0.25 + 0.15 * np.sin(2 * np.pi * 440 * np.arange(n) / 24000)) * 32767
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     cuts = []
     for k in range(4):
         mark = e.mark()
@@ -99,12 +103,15 @@ def test_flush_fades_out_within_one_block_plus_latency_without_click(vaudio_fact
         fl = e.wait_json(Kind.FLUSHED, lambda o, k=k: o["seq"] == k, start=mark)
         cuts.append((first, fl))
         time.sleep(0.5)
+    n_stats = len(e.all_json(Kind.STATS))
+    e.wait_for(lambda m: m.kind == Kind.STATS and len(e.all_json(Kind.STATS)) > n_stats, timeout=3)
     r = rec.stop()
     assert e.stop() == 0
     x = r.x
     fade_n = fade_ms * R // 1000
     slope = 2 * np.pi * 440 / R * 0.15 * 32767      # the signal's steepest step
-    for first, fl in cuts:
+    problems = []
+    for k, (first, fl) in enumerate(cuts):
         assert fl["faded_samples"] == fade_n and fl["dropped_samples"] > 0, fl
         i_first = r.i(first) - int(latency * R) - 10
         onset = i_first + int(np.flatnonzero(np.abs(x[i_first:]) > 0.5)[0])
@@ -114,19 +121,53 @@ def test_flush_fades_out_within_one_block_plus_latency_without_click(vaudio_fact
         assert np.abs(x[i_recv - R // 50: i_recv]).min() > 0.09 * 32767, "not playing at the flush"
         quiet = np.flatnonzero(np.abs(x[i_recv: i_recv + R // 4]) > 0.5)
         i_stop = i_recv + int(quiet[-1]) + 1
-        assert np.abs(x[i_stop: i_stop + R // 4]).max() == 0, "audio after the fade"
+        if np.abs(x[i_stop: i_stop + R // 4]).max() != 0:
+            problems.append(f"cut {k}: audio after the fade")
         t_stop = r.t(i_stop) + lead
         stop_ms = (t_stop - fl["t_received"]) * 1000
         bound_ms = block_ms + fade_ms + latency * 1000
-        assert stop_ms <= bound_ms + 2.0, f"silent after {stop_ms:.1f} ms, bound {bound_ms:.1f} ms"
-        # t_silent is anchored to callback times, so its resolution is one block of scheduling
-        # jitter (5.1 ms was seen with both cores saturated; unloaded it is under 1 ms).
-        assert abs(t_stop - fl["t_silent"]) <= block_ms / 1000, (t_stop - fl["t_silent"]) * 1000
-        steps = np.abs(np.diff(x[i_stop - 3 * fade_n: i_stop + 10]))
-        assert steps.max() <= slope + 0.4 * 32767 / fade_n + 2, f"click: step {steps.max():.0f}"
+        if stop_ms > bound_ms + 2.0:
+            problems.append(f"cut {k}: silent after {stop_ms:.1f} ms, bound {bound_ms:.1f} ms")
+        # t_silent is anchored to callback times: PortAudio's DAC-delay reports on this device
+        # move in ~5 ms steps, so its resolution is one block
+        if abs(t_stop - fl["t_silent"]) > block_ms / 1000:
+            problems.append(f"cut {k}: t_silent off by {(t_stop - fl['t_silent']) * 1000:.1f} ms")
+        # from the onset (past the resampler's 5 ms of ringing on the step up from silence) to
+        # the end of the fade: no step above the signal's own (a hard cut, or samples the
+        # device lost or inserted)
+        a = onset + R // 200
+        steps = np.abs(np.diff(x[a: i_stop + 10]))
+        worst = int(np.argmax(steps))
+        if steps[worst] > slope + 0.4 * 32767 / fade_n + 2:
+            problems.append(f"cut {k}: click, a {steps[worst]:.0f} LSB step "
+                            f"{(i_stop - a - worst) * 1000 / R:.1f} ms before the end of the fade")
         # the last fade_n samples are the ramp: they fall to 0 and never jump
         ramp = np.abs(x[i_stop - fade_n: i_stop])
-        assert ramp[0] > 0.05 * 32767 and ramp[-1] < 0.002 * 32767
+        if not (ramp[0] > 0.05 * 32767 and ramp[-1] < 0.002 * 32767):
+            problems.append(f"cut {k}: no {fade_ms} ms ramp to 0 ({ramp[0]:.0f} -> {ramp[-1]:.0f})")
+    return problems, _starved(e.all_json(Kind.STATS), block_ms)
+
+
+def test_flush_fades_out_within_one_block_plus_latency_without_click(vaudio_factory, engine):  # noqa: F811
+    """FLUSH at random instants over a real device. The signal is a tone on a DC offset, so a
+    hard cut would be a jump of at least 0.1 full scale wherever it lands (a pure tone or the
+    simulator's buzz can be cut at a zero crossing and hide it).
+
+    A run in which the host starved the audio callback (the engine's STATS say so: an output
+    underflow, or the output buffer's lead on the DAC below half a block) measures the machine,
+    not the engine: PulseAudio then inserts silence into the stream (seen under CPU saturation:
+    single zero samples, 7600-LSB steps). Such a run is repeated, up to 3 times; a glitch in a
+    run the engine reported clean fails at once."""
+    R, block_ms, fade_ms = 48000, 10, 5
+    va = vaudio_factory(rate=R)
+    starved_runs = []
+    for attempt in range(3):
+        problems, starved = _flush_run(va, engine(), attempt + 3, R, block_ms, fade_ms)
+        if starved is None:
+            assert not problems, problems
+            return
+        starved_runs.append(f"run {attempt}: {starved}; {problems or 'no glitch'}")
+    pytest.fail(f"the host starved the audio callback in all 3 runs: {starved_runs}")
 
 
 def test_capture_48k_stereo_is_downmixed_to_16k_mono(vaudio_factory, engine, tmp_path):  # noqa: F811

@@ -162,6 +162,42 @@ class _Timing:
         }
 
 
+class AecDump:
+    """What the APM saw, in the order it saw it (like WebRTC's aecdump), for diagnosing echo
+    that leaks: ``far.raw`` (the reference frames as given to the APM, PCM16 at
+    ``reference_rate``), ``near.raw`` (the capture before cancelling, PCM16 16 kHz), ``out.raw``
+    (after) and ``order.txt`` (one line per 10 ms capture frame: how many reference frames the
+    APM had been given before it, so the two streams can be lined up exactly as AEC3 lined
+    them up, whatever the clocks said). Turned on by ``HYDRAD_AEC_DUMP=<dir>`` in the engine's
+    environment; about 200 KB/s at 48 kHz. Written by the thread that runs the canceller."""
+
+    def __init__(self, directory: str) -> None:
+        import os  # noqa: PLC0415
+
+        os.makedirs(directory, exist_ok=True)
+        self.dir = directory
+        self._far = open(os.path.join(directory, "far.raw"), "wb")  # noqa: SIM115
+        self._near = open(os.path.join(directory, "near.raw"), "wb")  # noqa: SIM115
+        self._out = open(os.path.join(directory, "out.raw"), "wb")  # noqa: SIM115
+        self._order = open(os.path.join(directory, "order.txt"), "w")  # noqa: SIM115
+        self.far_frames = 0
+
+    def far(self, frame: np.ndarray, rate: int) -> None:
+        if self.far_frames == 0:
+            self._order.write(f"# reference_rate {rate}\n")
+        self._far.write(frame.tobytes())
+        self.far_frames += 1
+
+    def near(self, raw: np.ndarray, cleaned: np.ndarray) -> None:
+        self._near.write(raw.tobytes())
+        self._out.write(cleaned.tobytes())
+        self._order.write(f"{self.far_frames}\n")
+
+    def close(self) -> None:
+        for f in (self._far, self._near, self._out, self._order):
+            f.close()
+
+
 class EchoCanceller:
     """WebRTC AEC3 (livekit APM) between the engine's playback and its 16 kHz capture.
 
@@ -276,6 +312,7 @@ class EchoCanceller:
         self._win_n = 0
         self.far_active_frames = 0
         self._erle_floor = float(erle_floor_dbfs)
+        self.dump: AecDump | None = None     # set by the engine from HYDRAD_AEC_DUMP
 
     # ---- far end ------------------------------------------------------------------------
     def feed_reference(self, pcm: Any, rate: int, t_dac: float | None) -> None:
@@ -417,6 +454,8 @@ class EchoCanceller:
             except Exception as exc:  # RuntimeError from the FFI (or closed): count it
                 self._error(exc)
             self.reference_frames += 1
+            if self.dump is not None:
+                self.dump.far(self._ref_view, self.ref_rate)
 
     # ---- near end -----------------------------------------------------------------------
     def process_capture(self, frame: Any, t_adc: float | None) -> Any:
@@ -453,6 +492,8 @@ class EchoCanceller:
                 view[:] = seg
             out[s : s + CAP_N] = view
             self.frames += 1
+            if self.dump is not None:
+                self.dump.near(seg, view)
             if t_adc is not None:
                 t0 = t_adc + s / CAPTURE_RATE
                 if self._far_active(t0, t0 + FRAME_S):
@@ -574,6 +615,9 @@ class EchoCanceller:
         ``errors``."""
         with self._lock:
             self._apm = None
+        if self.dump is not None:
+            self.dump.close()
+            self.dump = None
 
 
 class AecWorker:

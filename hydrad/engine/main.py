@@ -33,7 +33,7 @@ import numpy as np
 from . import wire
 from .backends import base as bk
 from .backends import create as create_backend
-from .aec import AecUnavailable, AecWorker, make_canceller
+from .aec import AecDump, AecUnavailable, AecWorker, make_canceller
 from .capture import Capture
 from .playout import Playout
 from .wire import Kind, WireError, encode_capture
@@ -197,10 +197,13 @@ class Engine:
         self.cb_max = 0.0
         self.cb_count_window = 0
         self._last_cb = 0.0
+        self.cb_gap_max = 0.0       # longest interval between two callbacks, per STATS window
         self._flags_logged: dict[int, int] = {}
         self._out_tmp = np.zeros(8192, np.float32)
         self.reference = None  # optional (mono float32 view, t_dac) -> None: the AEC far end
         if canceller is not None:
+            if os.environ.get("HYDRAD_AEC_DUMP"):
+                canceller.dump = AecDump(os.environ["HYDRAD_AEC_DUMP"])
             aec = self.aec = AecWorker(canceller, self._emit_cleaned)
             self.capture.sink = aec.put_capture
             self.reference = lambda mono, t_dac: aec.put_reference(mono, self.playout.device_rate, t_dac)
@@ -233,8 +236,12 @@ class Engine:
                 t_adc: float, t_dac: float, status: int = 0) -> None:
         t_in = time.perf_counter()
         now = time.monotonic()
-        if self._last_cb and now - self._last_cb > 2.0 * self.block_s:
-            self.late += 1
+        if self._last_cb:
+            gap = now - self._last_cb
+            if gap > 2.0 * self.block_s:
+                self.late += 1
+            if gap > self.cb_gap_max:
+                self.cb_gap_max = gap
         self._last_cb = now
         self.callbacks += 1
         if status:
@@ -346,6 +353,7 @@ class Engine:
             self.device_state = "closed"
         if self.aec is not None:
             self.aec.stop()  # processes what is queued: the cleaned frames still reach the writer
+            self.aec.canceller.close()  # frees the APM and closes a HYDRAD_AEC_DUMP
         self._hk.join(timeout=1.0)
 
     # ---- housekeeping thread ----------------------------------------------------------------
@@ -434,8 +442,8 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         n = self.cb_count_window
         cb_mean = self.cb_time / n if n else 0.0
-        cb_max = self.cb_max
-        self.cb_time, self.cb_max, self.cb_count_window = 0.0, 0.0, 0
+        cb_max, gap_max = self.cb_max, self.cb_gap_max
+        self.cb_time, self.cb_max, self.cb_count_window, self.cb_gap_max = 0.0, 0.0, 0, 0.0
         p = self.playout
         return {
             "pid": os.getpid(),
@@ -455,6 +463,7 @@ class Engine:
             "writer_queue": self.writer.qsize(),
             "callback_us_mean": round(cb_mean * 1e6, 1),
             "callback_us_max": round(cb_max * 1e6, 1),
+            "callback_gap_ms_max": round(gap_max * 1e3, 2),
             "dropped_after_flush": p.dropped_late,
             "overflow_dropped": p.overflow_dropped,
             "aec": self.aec.stats() if self.aec is not None else None,

@@ -1,0 +1,127 @@
+"""Read a ``HYDRAD_AEC_DUMP`` directory: the echo delay AEC3 had to find, burst by burst.
+
+    HYDRAD_AEC_DUMP=/tmp/aec hydrad run ...        # or any test/bench that starts the engine
+    python bench/aec_dump.py /tmp/aec
+
+The dump holds what the canceller was given, in the order it was given (``far.raw``,
+``near.raw``, ``out.raw``, ``order.txt``; see ``hydrad.engine.aec.AecDump``). For each burst of
+far-end activity this prints the echo's lag behind the reference, counted in stream samples
+from the start (what AEC3 has to track; clocks and timestamps play no part), the correlation
+of that match, how far ahead the reference frames were given, and the cleaned level over the
+burst's first 200 ms and over the rest. A lag that moves from burst to burst is an echo path
+that drifts; a loud first 200 ms is AEC3 re-aligning after it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+RATE = 16000
+FRAME = RATE // 100  # 10 ms
+
+
+@dataclass
+class Dump:
+    far16: np.ndarray        # the reference, resampled to 16 kHz (float64, PCM16 scale)
+    near: np.ndarray         # the capture before cancelling
+    out: np.ndarray          # after
+    given: np.ndarray        # per 10 ms capture frame: reference frames given before it
+
+
+@dataclass
+class Burst:
+    start_s: float           # on the reference's timeline (its frames from the start)
+    end_s: float
+    delay_ms: float          # the echo's lag behind the reference, stream sample for sample
+    corr: float              # normalised correlation at that lag
+    ahead_ms: float          # mean reference given ahead of the capture frame being processed
+    near_dbfs: float         # capture level over the burst's first 200 ms
+    out_first_dbfs: float    # cleaned level over the first 200 ms
+    out_rest_dbfs: float     # ... and over the rest of the burst
+
+
+def load(directory: str | Path) -> Dump:
+    d = Path(directory)
+    lines = (d / "order.txt").read_text().split("\n")
+    rate = int(lines[0].split()[-1])
+    given = np.array([int(x) for x in lines[1:] if x.strip()])
+    far = np.fromfile(d / "far.raw", np.int16).astype(np.float64)
+    far16 = soxr.resample(far, rate, RATE) if rate != RATE else far
+    near = np.fromfile(d / "near.raw", np.int16).astype(np.float64)
+    out = np.fromfile(d / "out.raw", np.int16).astype(np.float64)
+    return Dump(far16, near, out, given)
+
+
+def _dbfs(x: np.ndarray) -> float:
+    return float(20 * np.log10(np.sqrt(np.mean(x ** 2)) / 32768 + 1e-9)) if len(x) else float("nan")
+
+
+def far_bursts(d: Dump, thr_dbfs: float = -40.0, gap_frames: int = 30, min_frames: int = 50) -> list[tuple[int, int]]:
+    """[start, end) in 10 ms reference frames where the far end is active (gaps < 300 ms joined)."""
+    n = len(d.far16) // FRAME
+    level = np.sqrt((d.far16[: n * FRAME].reshape(n, FRAME) ** 2).mean(1))
+    act = np.flatnonzero(level > 32768 * 10 ** (thr_dbfs / 20))
+    spans: list[list[int]] = []
+    for k in act:
+        if spans and k - spans[-1][1] < gap_frames:
+            spans[-1][1] = k + 1
+        else:
+            spans.append([k, k + 1])
+    return [(a, b) for a, b in spans if b - a >= min_frames]
+
+
+def analyse(d: Dump, min_delay_ms: float = -50.0, max_delay_ms: float = 250.0) -> list[Burst]:
+    """Per far-end burst: the lag between the two streams, sample for sample from their starts
+    (``near[s]`` echoes ``far16[s - lag]``). The APM gets one 10 ms reference frame per 10 ms
+    capture frame on average, so a lag that moves is a path that drifts as AEC3 sees it,
+    whatever the timestamps say; ``ahead_ms`` is how far the reference was given ahead of
+    each capture frame (the call order's share of the delay)."""
+    lags = np.arange(int(min_delay_ms * RATE / 1000), int(max_delay_ms * RATE / 1000))
+    n_far = len(d.far16)
+    bursts = []
+    for fa, fb in far_bursts(d):
+        a, b = fa * FRAME + lags[0], min((fb + 10) * FRAME + lags[-1], len(d.near))
+        if b - a < 50 * FRAME or a < 0:
+            continue
+        y = d.near[a:b]
+        ny = np.linalg.norm(y) + 1e-9
+        c = np.empty(len(lags))
+        s = np.arange(a, b)
+        for i, lag in enumerate(lags):
+            idx = s - lag
+            ok = (idx >= 0) & (idx < n_far)
+            x = np.where(ok, d.far16[np.clip(idx, 0, n_far - 1)], 0.0)
+            c[i] = float(np.dot(x, y)) / ((np.linalg.norm(x) + 1e-9) * ny)
+        best = int(np.argmax(c))
+        lag = int(lags[best])
+        e0 = fa * FRAME + lag                       # where the burst's echo starts in the capture
+        first = slice(e0, e0 + 20 * FRAME)
+        rest = slice(e0 + 20 * FRAME, min(fb * FRAME + lag, len(d.near)))
+        ks = np.arange(e0 // FRAME, min(fb * FRAME + lag, len(d.near)) // FRAME)
+        ks = ks[ks < len(d.given)]
+        ahead = float(np.mean(d.given[ks] * FRAME - (ks + 1) * FRAME)) * 1000 / RATE if len(ks) else float("nan")
+        bursts.append(Burst(fa / 100, fb / 100, lag * 1000 / RATE, float(c[best]), ahead,
+                            _dbfs(d.near[first]), _dbfs(d.out[first]), _dbfs(d.out[rest])))
+    return bursts
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__)
+        return 2
+    d = load(argv[0])
+    print(f"{len(d.given)} capture frames, {len(d.far16) // FRAME} reference frames")
+    print(f"{'burst (s)':>17} {'echo lag':>10} {'corr':>5} {'ahead':>7} {'near':>7} {'out 200ms':>9} {'out rest':>8}")
+    for b in analyse(d):
+        print(f"{b.start_s:7.2f}..{b.end_s:7.2f} {b.delay_ms:8.2f}ms {b.corr:5.2f} {b.ahead_ms:5.1f}ms {b.near_dbfs:7.1f} "
+              f"{b.out_first_dbfs:9.1f} {b.out_rest_dbfs:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
