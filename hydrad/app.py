@@ -146,6 +146,13 @@ def check_config_main(argv: list[str]) -> int:
         from .engine.devices import check_devices
 
         problems = check_devices(cfg.audio.sounddevice.input_device, cfg.audio.sounddevice.output_device)
+        if cfg.audio.aec in ("auto", "webrtc"):
+            from .engine.aec import AecUnavailable, load_rtc
+
+            try:
+                load_rtc()
+            except AecUnavailable as exc:
+                problems.append(f"audio.aec = {cfg.audio.aec!r}: {exc}")
         if problems:
             print("hydrad: " + "\n".join(problems), file=sys.stderr)
             return 2

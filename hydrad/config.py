@@ -146,7 +146,10 @@ class AudioConfig:
     fade_ms: float = field(default=5.0, metadata=_range(0, 50))
     output_volume: float = field(default=1.0, metadata=_range(0, 4))
     mic_gain: float = field(default=1.0, metadata=_range(0, 16))
-    aec: Literal["off", "webrtc", "system"] = "off"
+    #: echo cancellation: "auto" = "webrtc" on real devices (the sounddevice backend), else off
+    aec: Literal["auto", "off", "webrtc", "system"] = "auto"
+    #: residual echo gate after the canceller, dB (0: off); see docs/aec.md
+    aec_gate_db: float = field(default=15.0, metadata=_range(0, 60))
     wav: WavBackendConfig = WavBackendConfig()
     sounddevice: SounddeviceConfig = SounddeviceConfig()
 

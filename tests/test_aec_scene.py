@@ -113,7 +113,8 @@ def build_scene(delay_s: float = 0.04, dev_rate: int = 48000, seconds: float = 1
                 far_spans: tuple[tuple[float, float], ...] = ((0.5, 7.5), (9.0, 14.0)),
                 near_at: float | None = 10.0, near_gain_db: float = -8.0,
                 echo_gain_db: float = -8.0, noise_dbfs: float = -65.0, seed: int = 7,
-                far_kind: str = "voice", voices: tuple[int, ...] = (1, 4)) -> Scene:
+                far_kind: str = "voice", voices: tuple[int, ...] = (1, 4),
+                jumps: tuple[tuple[float, float], ...] = ()) -> Scene:
     far = np.zeros(int(round(seconds * dev_rate)))
     for k, (a, b) in enumerate(far_spans):
         if a >= seconds:
@@ -126,6 +127,9 @@ def build_scene(delay_s: float = 0.04, dev_rate: int = 48000, seconds: float = 1
     echo = soxr.resample(echo_dev, dev_rate, RATE, quality="HQ")
     n = int(round(seconds * RATE))
     echo = np.pad(echo, (0, max(0, n - len(echo))))[:n]
+    for at, by in jumps:  # the path grows by `by` s at `at`: silence inserted, as a sound server re-buffering
+        i, k = int(round(at * RATE)), int(round(by * RATE))
+        echo[i:] = np.concatenate([np.zeros(k), echo[i : n - k]])
     rng = np.random.default_rng(seed + 100)
     noise = rng.standard_normal(n) * 32768.0 * 10 ** (noise_dbfs / 20.0)
     near = np.zeros(n)

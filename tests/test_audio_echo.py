@@ -1,25 +1,20 @@
 """Echo cancellation end to end on the virtual devices (issue 7, marker ``audio``).
 
-An acoustic echo path: PulseAudio ``module-loopback`` from the virtual speaker's monitor into
-the mic feed sink (``micfeed`` -> source ``vmic``), attenuated by ``ECHO_DB``. The daemon runs
-the ``sounddevice`` backend against the real simulator, whose VAD plays the service's: it hears
-whatever the engine sends up, so without a canceller the agent's own reply (the simulator's
-jittered, speech-like voice, ``voice_jitter=0.2``; a strictly periodic buzz defeats AEC3's
-delay search, tests/test_aec_voice.py) comes back through the echo path and opens a "user"
-turn that cancels the reply.
+An acoustic echo path: the daemon plays into ``echospk``, a virtual sink mixed into the mic
+feed sink (``micfeed`` -> source ``vmic``) at ``ECHO_DB``, on the feed sink's own clock, so the
+path is fixed as a loudspeaker's is (see :func:`echo_path` for why not ``module-loopback``).
+The daemon runs the ``sounddevice`` backend against the real simulator, whose VAD plays the
+service's: it hears whatever the engine sends up, so without a canceller the agent's own
+reply (the simulator's jittered, speech-like voice, ``voice_jitter=0.2``; a strictly periodic
+buzz defeats AEC3's delay search, tests/test_aec_voice.py) comes back through the echo path
+and opens a "user" turn that cancels the reply.
 
 * ``audio.aec = "off"``: the simulator interrupts its own (first) reply: the test can fail.
-* ``audio.aec = "webrtc"``: ``N_REPLIES`` replies of ``REPLY_S`` seconds (12 fit in about a
-  minute; issue 7 asks for 20) with zero self-interruptions. **Known gap** (the test then
-  XFAILs, naming the count; a canceller error or an ERLE under 30 dB fails it): measured 0-3
-  of 12 over five runs, always late in the run (replies 10-12),
-  while the engine's path-delay estimate creeps up ~0.3 ms/s (55 -> 75 ms in a minute): a
-  drifting path + a few seconds of far-end silence lets AEC3 leak ~150 ms at the start of a
-  reply. Offline (tests/test_aec_scene.py, fixed path) the same sequence of voices, with
-  near-end speech and flushes between replies, leaks nothing.
-* ``audio.aec = "webrtc"``: a real utterance fed 1 s into a reply is detected as a barge-in
-  (``N_BARGE`` trials) and the speaker goes silent within the audio issue's bound (measured
-  3/3 in three runs, 2/3 in one run that also had self-interruptions: XFAIL, as above).
+* ``audio.aec = "webrtc"``: ``N_TRIALS`` trials of: a user prompt, the reply, a real utterance
+  fed 1 s into it (a barge-in that must be detected, and the speaker silent within the audio
+  issue's bound: at least ``N_TRIALS - 1`` detected), then the answer to it, which plays out
+  in full (``REPLY_S`` seconds of echo with nobody speaking). Zero self-interruptions over
+  the whole run: ``N_TRIALS`` full replies and the first second of ``N_TRIALS`` more.
 
 A *self-interruption* is a ``speech_started`` outside the windows in which the test's speech
 is in the mic (its first audible sample .. its last + ``SLACK_S``), or a response cut short
@@ -50,41 +45,46 @@ pytestmark = [pytest.mark.audio, pytest.mark.slow]
 RATE = 48000
 ECHO_DB = -20.0        # speaker -> mic attenuation of the echo path
 REPLY_S = 2.5
-N_REPLIES = 12         # ~4.7 s per cue + reply + echo tail: what fits in about a minute
-N_BARGE = 3
-LOOP_MS = 20           # the loopback's latency (fixed: adjust_time=0, see echo_path)
+N_TRIALS = 20          # prompt, reply, barge-in, answer played out: ~9 s each
 SLACK_S = 0.35         # paplay start-up + uplink + VAD onset: a feed opens a turn until its speech ends + this
 
 
 @contextlib.contextmanager
-def echo_path(va: VirtualAudio, gain_db: float = ECHO_DB) -> Iterator[int]:
-    """Leak the speaker into the mic: a loopback vspk.monitor -> micfeed at ``gain_db``.
+def echo_path(va: VirtualAudio, gain_db: float = ECHO_DB) -> Iterator[str]:
+    """Leak the speaker into the mic at ``gain_db``, on one clock: a virtual sink
+    ``echospk`` (``module-remap-sink``) whose master is the mic feed sink, made the default
+    sink, so whatever the daemon plays is mixed into the mic with the utterances.
 
-    ``adjust_time=0``: no adaptive resampling. With it (the default, and a 1 ms target latency)
-    the loopback's delay slides by ~0.5 ms/s (measured: 15 ms over 30 s), so after each few
-    seconds of silence AEC3's converged filter is misaligned and the first ~200 ms of every
-    reply after the first leaked (a self-interruption per reply). A real duplex device has
-    a fixed path. (Some drift remains even so: see the module docstring.)"""
+    Not ``module-loopback`` from the speaker's monitor: that crosses from one null sink's
+    clock to another's, and they differ by ~300 ppm (each advances its own timer by rounded
+    block durations), so the loopback's queue drains ~0.3 ms/s and, about once a minute,
+    underruns ("Could not peek into queue", "Underrun detected" in the server's log): the
+    echo path jumps by 5-7 ms, which no loudspeaker does (with ``adjust_time`` it slides
+    ~0.5 ms/s instead). A remap sink has no clock of its own: the path is fixed. Yields the
+    sink's name (the engine must start after this, to open it as the default)."""
     env = va.environ()
-    p = subprocess.run(["pactl", "load-module", "module-loopback", "source=vspk.monitor", "sink=micfeed",
-                        f"latency_msec={LOOP_MS}", "adjust_time=0", "source_dont_move=true", "sink_dont_move=true"],
-                       env=env, capture_output=True, text=True, timeout=10)
-    if p.returncode != 0:
-        raise VirtualAudioError(f"module-loopback failed: {p.stderr.strip()}")
-    module = int(p.stdout.strip())
+
+    def pactl(*args: str) -> str:
+        p = subprocess.run(["pactl", *args], env=env, capture_output=True, text=True, timeout=10)
+        if p.returncode != 0:
+            raise VirtualAudioError(f"pactl {' '.join(args)} failed: {p.stderr.strip()}")
+        return p.stdout
+
+    module = int(pactl("load-module", "module-remap-sink", "sink_name=echospk", "master=micfeed",
+                       f"rate={va.rate}", f"channels={va.channels}",
+                       "sink_properties=device.description=EchoSpeaker").strip())
     try:
-        listing = subprocess.run(["pactl", "list", "sink-inputs"], env=env, capture_output=True,
-                                 text=True, timeout=10, check=True).stdout
         idx = None
-        for block in listing.split("Sink Input #")[1:]:
+        for block in pactl("list", "sink-inputs").split("Sink Input #")[1:]:
             if re.search(rf"Owner Module: {module}\b", block):
-                idx = int(block.split(None, 1)[0])
+                idx = block.split(None, 1)[0]
         if idx is None:
-            raise VirtualAudioError(f"no sink input of loopback module {module}:\n{listing}")
-        subprocess.run(["pactl", "set-sink-input-volume", str(idx), f"{gain_db}dB"], env=env,
-                       capture_output=True, timeout=10, check=True)
-        yield module
+            raise VirtualAudioError(f"no sink input of remap module {module}")
+        pactl("set-sink-input-volume", idx, f"{gain_db}dB")
+        pactl("set-default-sink", "echospk")
+        yield "echospk"
     finally:
+        subprocess.run(["pactl", "set-default-sink", "vspk"], env=env, capture_output=True, timeout=10)
         subprocess.run(["pactl", "unload-module", str(module)], env=env, capture_output=True, timeout=10)
 
 
@@ -161,18 +161,6 @@ def _all_played(rig: AudioRig) -> bool:
     return ids == {p["response_id"] for p in rig.played if p.get("done")}
 
 
-def _played_done(rig: AudioRig, n: int) -> bool:
-    return len({p["response_id"] for p in rig.played if p.get("done")}) >= n
-
-
-async def _one_reply(rig: AudioRig, feeds: Feeds, prompt: Path, k: int) -> None:
-    """Cue reply ``k`` (1-based) and wait until it has been played out and its echo has died."""
-    feeds.play(rig.va, prompt)
-    await rig.wait_for(lambda: len(rig.events("response_done")) >= k, timeout=15, what=f"response {k} done")
-    await rig.wait_for(lambda: _played_done(rig, k), timeout=10, what=f"response {k} played")
-    await trio.sleep(0.5)  # the echo's tail and the VAD's end-of-turn silence
-
-
 async def test_without_aec_the_agent_interrupts_itself_through_the_echo(vaudio_factory, prompt):  # noqa: F811
     va = vaudio_factory(rate=RATE)
     feeds = Feeds()
@@ -190,7 +178,7 @@ async def test_without_aec_the_agent_interrupts_itself_through_the_echo(vaudio_f
     assert bad, "the echo path did not make the agent interrupt itself: the test cannot fail"
 
 
-async def test_with_aec_replies_do_not_interrupt_themselves(vaudio_factory, prompt):  # noqa: F811
+async def test_with_aec_no_self_interruption_and_barge_in_still_detected(vaudio_factory, prompt, utterances):  # noqa: F811
     va = vaudio_factory(rate=RATE)
     feeds = Feeds()
     with echo_path(va):
@@ -199,42 +187,13 @@ async def test_with_aec_replies_do_not_interrupt_themselves(vaudio_factory, prom
             await rig.wait_for(lambda: rig.events("session_configured"), what="session.configured")
             assert rig.daemon.engine.ready_info.get("aec") == "webrtc", rig.daemon.engine.ready_info
             t_start = time.monotonic()
-            per_reply: list[int] = []
-            for k in range(1, N_REPLIES + 1):
-                before = len(rig.events("speech_started"))
-                await _one_reply(rig, feeds, prompt, k)
-                per_reply.append(sum(not feeds.user_speech(e.t) for e in rig.events("speech_started")[before:]))
-            elapsed = time.monotonic() - t_start
-            await trio.sleep(1.1)
-            aec = next(s["aec"] for s in reversed(rig.stats) if s.get("aec"))
-            bad = self_interruptions(rig, feeds)
-            trace = _trace(rig, feeds) if bad else ""
-    print(f"\naec webrtc: {N_REPLIES} replies of {REPLY_S} s in {elapsed:.1f} s; self-interruptions per reply "
-          f"{per_reply}; ERLE {aec['erle_db']} dB, residual {aec['residual_echo_dbfs']} dBFS, "
-          f"path delay {aec['path_delay_ms']} ms; aec stats {aec}")
-    assert aec["errors"] == 0 and aec["worker_failures"] == 0, aec
-    assert aec["erle_db"] is not None and aec["erle_db"] > 30, aec
-    # KNOWN GAP (issue 7 asks for zero): measured 0-3 of 12, always late in the run, on this
-    # shared 2-core machine; see the module docstring. Anything else above fails for real.
-    if sum(per_reply):
-        pytest.xfail(f"known gap (issue 7): {sum(per_reply)} self-interruption(s) in {N_REPLIES} replies, "
-                     f"per reply {per_reply}: {bad}\n{trace}")
-
-
-async def test_with_aec_real_barge_in_is_still_detected(vaudio_factory, prompt, utterances):  # noqa: F811
-    va = vaudio_factory(rate=RATE)
-    feeds = Feeds()
-    with echo_path(va):
-        async with audio_daemon(va, sim_config=_sim(), sounddevice={"output_rate": RATE},
-                                audio={"aec": "webrtc"}) as rig:
-            await rig.wait_for(lambda: rig.events("session_configured"), what="session.configured")
-            detected, stop_ms = 0, []
-            for j in range(N_BARGE):
+            detected, stop_ms, full = 0, [], 0
+            for j in range(N_TRIALS):
                 n_audio = len(rig.events("response_audio_started"))
                 n_barge = len(rig.events("barge_in"))
                 feeds.play(va, prompt)
                 await rig.wait_for(lambda n=n_audio: len(rig.events("response_audio_started")) > n,
-                                   timeout=15, what=f"barge-in trial {j}: reply audio")
+                                   timeout=15, what=f"trial {j}: reply audio")
                 await trio.sleep(1.0)
                 t_fed = time.monotonic()
                 feeds.play(va, utterances["stop"])
@@ -245,19 +204,31 @@ async def test_with_aec_real_barge_in_is_still_detected(vaudio_factory, prompt, 
                 if barges:
                     detected += 1
                     stop_ms.append(barges[0].fields.get("stop_ms"))
-                # the answer to the interruption ends (played out, or cut) before the next trial
-                await rig.wait_for(lambda t=t_fed: [e for e in rig.events("response_done")
-                                                    if e.t > t + 0.5], timeout=20,
-                                   what=f"barge-in trial {j}: answer done")
-                await rig.wait_for(lambda: _all_played(rig), timeout=10, what=f"barge-in trial {j}: answer played")
-                await trio.sleep(1.0)
+                # the answer to the interruption: played out in full with nobody speaking
+                await rig.wait_for(lambda n=n_audio: len(rig.events("response_audio_started")) > n + 1,
+                                   timeout=20, what=f"trial {j}: answer audio")
+                answer_id = rig.events("response_audio_started")[n_audio + 1].fields.get("response_id")
+                await rig.wait_for(lambda a=answer_id: [e for e in rig.events("response_done")
+                                                        if e.fields.get("response_id") == a],
+                                   timeout=20, what=f"trial {j}: answer done")
+                await rig.wait_for(lambda: _all_played(rig), timeout=10, what=f"trial {j}: answer played")
+                full += [e for e in rig.events("response_done")
+                         if e.fields.get("response_id") == answer_id][0].fields.get("status") == "completed"
+                await trio.sleep(0.5)  # the echo's tail and the VAD's end-of-turn silence
+            elapsed = time.monotonic() - t_start
+            await trio.sleep(1.1)
+            aec = next(s["aec"] for s in reversed(rig.stats) if s.get("aec"))
             bad = self_interruptions(rig, feeds)
+            trace = _trace(rig, feeds) if bad else ""
             out = rig.output_info()
-    print(f"\naec webrtc barge-in: detected {detected}/{N_BARGE}, stop_ms {stop_ms}; "
-          f"self-interruptions {len([b for b in bad if b.startswith('speech_started')])}: {bad}")
+    print(f"\naec webrtc: {N_TRIALS} trials in {elapsed:.1f} s: barge-in detected {detected}/{N_TRIALS}, "
+          f"stop_ms {stop_ms}; answers played in full {full}/{N_TRIALS}; self-interruptions {len(bad)}: {bad}; "
+          f"ERLE {aec['erle_db']} dB, residual {aec['residual_echo_dbfs']} dBFS, path delay "
+          f"{aec['path_delay_ms']} ms, gated frames {aec['gated_frames']}; aec stats {aec}")
+    assert aec["errors"] == 0 and aec["worker_failures"] == 0, aec
+    assert aec["erle_db"] is not None and aec["erle_db"] > 30, aec
+    assert not bad, f"{len(bad)} self-interruption(s): {bad}\n{trace}"
+    assert full == N_TRIALS, f"only {full} of {N_TRIALS} answers played out"
+    assert detected >= N_TRIALS - 1, f"barge-in detected {detected}/{N_TRIALS}: the canceller removes the user"
     bound_ms = 10 + 5 + out["latency"] * 1000  # block + fade + reported latency (the audio issue's bound)
     assert all(m is not None and m <= bound_ms + 20 for m in stop_ms), (stop_ms, bound_ms)
-    assert detected >= 1, f"no barge-in detected in {N_BARGE} trials: the canceller removes the user too"
-    if detected < N_BARGE or bad:
-        # seen only in runs that also had self-interruptions (the known gap, module docstring)
-        pytest.xfail(f"known gap (issue 7): barge-in detected {detected}/{N_BARGE}; self-interruptions: {bad}")

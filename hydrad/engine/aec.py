@@ -80,6 +80,12 @@ FRAME_S = 0.010               # the APM takes exactly 10 ms frames
 MAX_APM_DELAY_MS = 500        # libwebrtc rejects a larger stream delay
 MAX_APM_RATE = 48000
 CAP_N = CAPTURE_RATE // 100   # 160 samples
+# residual echo gate: a frame the canceller took less than 6 dB out of, with something left
+# (above -55 dBFS), is the near end talking: the gate then stays open 200 ms (word edges)
+_OPEN_RATIO = 10.0 ** (6.0 / 10.0)
+_OPEN_MIN_E = CAP_N * (32768.0 * 10.0 ** (-55.0 / 20.0)) ** 2
+_GATE_HOLD_FRAMES = 20
+_GATE_TAIL_S = 0.5            # the gate watches this long after the far end (room tail + path)
 _INSTALL_HINT = (
     "audio.aec = \"webrtc\" needs livekit's AudioProcessingModule: "
     "pip install 'livekit>=1.2,<2' (the 'aec' extra: pip install 'hydrad[aec]'). "
@@ -166,7 +172,7 @@ class AecDump:
     """What the APM saw, in the order it saw it (like WebRTC's aecdump), for diagnosing echo
     that leaks: ``far.raw`` (the reference frames as given to the APM, PCM16 at
     ``reference_rate``), ``near.raw`` (the capture before cancelling, PCM16 16 kHz), ``out.raw``
-    (after) and ``order.txt`` (one line per 10 ms capture frame: how many reference frames the
+    (after the canceller and the residual echo gate: what goes up) and ``order.txt`` (one line per 10 ms capture frame: how many reference frames the
     APM had been given before it, so the two streams can be lined up exactly as AEC3 lined
     them up, whatever the clocks said). Turned on by ``HYDRAD_AEC_DUMP=<dir>`` in the engine's
     environment; about 200 KB/s at 48 kHz. Written by the thread that runs the canceller."""
@@ -214,7 +220,8 @@ class EchoCanceller:
     * ``far_active_dbfs`` (-50): a 10 ms reference frame above it means "far end active";
       ``tail_ms`` (150): how long the echo may ring on after it;
     * ``window_s`` (5.0): the residual-echo/ERLE medians cover this much far-end-active
-      capture; ``erle_floor_dbfs`` (-60): quieter input frames are left out of the ERLE.
+      capture; ``erle_floor_dbfs`` (-60): quieter input frames are left out of the ERLE;
+    * ``gate_db`` (15; 0 turns it off): the **residual echo gate**, see :meth:`process_capture`.
     """
 
     def __init__(
@@ -233,8 +240,11 @@ class EchoCanceller:
         tail_ms: float = 150.0,
         window_s: float = 5.0,
         erle_floor_dbfs: float = -60.0,
+        gate_db: float = 15.0,
     ) -> None:
         rtc = load_rtc()
+        if not 0.0 <= gate_db <= 60.0:
+            raise ValueError(f"gate_db {gate_db} must be 0..60 (0: no residual echo gate)")
         if reference_rate is not None and apm_reference_rate(reference_rate) != (reference_rate, 1):
             raise ValueError(f"reference_rate {reference_rate} must be 8000..48000 with whole 10 ms frames")
         if not 0 <= predelay_min_ms < predelay_target_ms < predelay_above_ms <= 450:
@@ -312,6 +322,13 @@ class EchoCanceller:
         self._win_n = 0
         self.far_active_frames = 0
         self._erle_floor = float(erle_floor_dbfs)
+        # -- residual echo gate (capture side) --
+        self.gate_db = float(gate_db)
+        self._gate_ratio = 10.0 ** (self.gate_db / 10.0) if self.gate_db > 0 else 0.0
+        self._gate_gain = 1.0                # gain applied at the end of the previous frame
+        self._gate_ramp = np.linspace(0.0, 1.0, CAP_N + 1, dtype=np.float32)[1:]
+        self.gated_frames = 0                # 10 ms frames the gate closed on
+        self._gate_hold = 0                  # frames the gate stays open after near-end speech
         self.dump: AecDump | None = None     # set by the engine from HYDRAD_AEC_DUMP
 
     # ---- far end ------------------------------------------------------------------------
@@ -467,6 +484,15 @@ class EchoCanceller:
         (None: unknown; the delay estimate and echo metrics skip it). A frame the APM fails
         on is returned unprocessed and counted in ``errors``. Raises ValueError only for a
         wrong shape/dtype/length (a programming error).
+
+        **Residual echo gate.** While the far end is active, a 10 ms frame the canceller took
+        ``gate_db`` or more out of (input energy / output energy) is mostly echo: what is left
+        is residual echo, and it is muted (ramped over the frame, so no click). AEC3 leaks
+        -55..-70 dBFS for a few hundred ms when the echo path jumps (a sound server
+        re-buffering, measured ~5-7 ms jumps about once a minute through PulseAudio), enough
+        for a server VAD to open a turn on the agent's own voice; those frames are 15-30 dB
+        below their input. A user talking over the reply makes the output carry their voice,
+        so input/output falls to a few dB and the frame passes.
         """
         t_start = time.perf_counter_ns()
         as_bytes = isinstance(frame, (bytes, bytearray, memoryview))
@@ -490,23 +516,43 @@ class EchoCanceller:
             except Exception as exc:  # pass the audio through rather than drop it
                 self._error(exc)
                 view[:] = seg
-            out[s : s + CAP_N] = view
             self.frames += 1
-            if self.dump is not None:
-                self.dump.near(seg, view)
+            active = gate_active = False
             if t_adc is not None:
                 t0 = t_adc + s / CAPTURE_RATE
-                if self._far_active(t0, t0 + FRAME_S):
-                    np.copyto(f, seg, casting="unsafe")
-                    e_in = float(np.dot(f, f))
-                    np.copyto(f, view, casting="unsafe")
-                    e_out = float(np.dot(f, f))
+                active, gate_active = self._far_active(t0, t0 + FRAME_S)
+            gain = 1.0
+            if gate_active:
+                np.copyto(f, seg, casting="unsafe")
+                e_in = float(np.dot(f, f))
+                np.copyto(f, view, casting="unsafe")
+                e_out = float(np.dot(f, f))
+                if active:
                     i = self._win_i
                     self._in_db[i] = _db(e_in, CAP_N)
                     self._out_db[i] = _db(e_out, CAP_N)
                     self._win_i = (i + 1) % self._win
                     self._win_n = min(self._win_n + 1, self._win)
                     self.far_active_frames += 1
+                if self._gate_ratio:
+                    if e_out * _OPEN_RATIO > e_in and e_out > _OPEN_MIN_E:
+                        self._gate_hold = _GATE_HOLD_FRAMES  # near-end speech: keep open
+                    elif self._gate_hold > 0:
+                        self._gate_hold -= 1
+                    elif e_out * self._gate_ratio <= e_in:
+                        gain = 0.0
+                        self.gated_frames += 1
+            g0 = self._gate_gain
+            if gain == g0 == 1.0:
+                out[s : s + CAP_N] = view
+            else:  # ramp from the previous frame's gain: no step at the frame edge
+                np.copyto(f, view, casting="unsafe")
+                f *= g0 + (gain - g0) * self._gate_ramp
+                np.rint(f, out=f)
+                out[s : s + CAP_N] = f
+            self._gate_gain = gain
+            if self.dump is not None:
+                self.dump.near(seg, out[s : s + CAP_N])
         self._t_cap.add(time.perf_counter_ns() - t_start, n // CAP_N)
         return out.tobytes() if as_bytes else out
 
@@ -514,17 +560,20 @@ class EchoCanceller:
         self.errors += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
 
-    def _far_active(self, a: float, b: float) -> bool:
-        """Was a reference frame above ``far_active_dbfs`` played within [a - tail, b]?"""
+    def _far_active(self, a: float, b: float) -> tuple[bool, bool]:
+        """Was a reference frame above ``far_active_dbfs`` played within [a - tail, b]
+        (the echo metrics' window), and within [a - gate tail, b] (the gate's)?"""
         lo = a - self._tail_s
         with self._act_lock:
             act = self._act
             k = 0
-            while k < len(act) and act[k][1] < lo:
+            while k < len(act) and act[k][1] < a - _GATE_TAIL_S:
                 k += 1
             if k:
                 del act[:k]
-            return bool(act) and act[0][0] <= b
+            if not act or act[0][0] > b:
+                return False, False
+            return any(e >= lo for _, e in act), True
 
     def _update_delay(self, t_adc_end: float) -> None:
         end = self._pushed_end
@@ -604,6 +653,8 @@ class EchoCanceller:
             "far_active_frames": self.far_active_frames,
             "residual_echo_dbfs": residual,
             "erle_db": erle,
+            "gate_db": self.gate_db,
+            "gated_frames": self.gated_frames,
             "errors": self.errors,
             "last_error": self.last_error,
             **self._t_cap.take("capture"),

@@ -173,7 +173,8 @@ class Engine:
         # echo canceller (docs/aec.md): cleaned in a worker thread, off the audio callbacks
         self.aec_mode = options.get("aec", "off")
         try:
-            canceller = make_canceller(self.aec_mode)
+            canceller = make_canceller(self.aec_mode, **(
+                {"gate_db": float(options.get("aec_gate_db", 15.0))} if self.aec_mode == "webrtc" else {}))
         except (AecUnavailable, ValueError, TypeError) as exc:
             raise ConfigError(str(exc)) from None  # exit 3: asked for, not available
         self.aec: AecWorker | None = None

@@ -46,7 +46,7 @@ def engine_spec(cfg: Config) -> EngineSpec:
         sd = a.sounddevice
         options = {"input_device": sd.input_device, "output_device": sd.output_device, "input_rate": sd.input_rate,
                    "output_rate": sd.output_rate, "input_channels": sd.input_channels, "latency": sd.latency,
-                   "aec": a.aec}
+                   "aec": "webrtc" if a.aec == "auto" else a.aec, "aec_gate_db": a.aec_gate_db}
     else:
         options = {}
     options.update({"output_volume": a.output_volume, "mic_gain": a.mic_gain})

@@ -57,7 +57,7 @@ ALSA
 export PULSE_RUNTIME_PATH="$DIR/run" PULSE_STATE_PATH="$DIR/state" PULSE_COOKIE="$DIR/cookie"
 # root only gets a warning; --exit-idle-time=-1 or it quits after 20 s idle
 pulseaudio --daemonize=yes -n --file="$DIR/virtual.pa" --exit-idle-time=-1 \
-  --log-target=file:"$DIR/pulseaudio.log" --log-level="${VAUDIO_LOG_LEVEL:-notice}" >&2
+  --log-target=file:"$DIR/pulseaudio.log" --log-level="${VAUDIO_LOG_LEVEL:-notice}" ${VAUDIO_LOG_TIME:+--log-time=1} >&2
 export PULSE_SERVER="unix:$DIR/run/native"
 for _ in $(seq 100); do pactl info >/dev/null 2>&1 && break; sleep 0.05; done
 pactl info >/dev/null || { cat "$DIR/pulseaudio.log" >&2; exit 1; }
