@@ -372,10 +372,19 @@ class Metrics:
         if isinstance(late, int) and late > 0:
             self.late_deltas.inc(late)
         turn = {"response_id": f.get("response_id"), "status": status, "reason": f.get("reason"),
-                "turn_id": user_item, **{k: v for k, v in m.items() if k not in ("status", "reason")}, "t": ev.t}
+                "turn_id": user_item, **{k: v for k, v in m.items() if k not in ("status", "reason")},
+                **self._echo_now(), "t": ev.t}
         self.recent_turns.append(turn)
         fields = {k: v for k, v in turn.items() if k != "t"}
         self.log.info("turn.completed", **fields)
+
+    def _echo_now(self) -> dict[str, Any]:
+        """The canceller's figures at the end of a turn (none when it is off)."""
+        aec = (self._call("engine_stats") or {}).get("aec")
+        if not isinstance(aec, Mapping):
+            return {}
+        return {"echo_erle_db": aec.get("erle_db"), "echo_residual_dbfs": aec.get("residual_echo_dbfs"),
+                "echo_path_delay_ms": aec.get("path_delay_ms"), "echo_gated_frames": aec.get("gated_frames")}
 
     def _on_barge_in(self, f: Mapping[str, Any], ev: Event) -> None:
         self.barge_ins.labels(self.label("barge_in", f.get("trigger"))).inc()
@@ -650,6 +659,24 @@ class _PullCollector(Collector):
                 fam.add_metric([name], v)
             yield fam
 
+    def _echo(self, aec: Any, mono: Any) -> Iterator[Metric]:
+        """The echo canceller's figures (absent when audio.aec is off or system)."""
+        if not isinstance(aec, Mapping):
+            return
+        for key, metric, scale, doc in (
+                ("erle_db", "echo_erle_db", 1.0, "Echo return loss enhancement: median over the last 5 s of agent speech."),
+                ("residual_echo_dbfs", "echo_residual_dbfs", 1.0, "Residual echo after the canceller: median level while the agent speaks."),
+                ("path_delay_ms", "echo_path_delay_seconds", 0.001, "Estimated echo path delay (DAC to ADC)."),
+        ):
+            v = aec.get(key)
+            if isinstance(v, (int, float)):
+                g = GaugeMetricFamily(f"{NS}_{metric}", doc)
+                g.add_metric([], v * scale)
+                yield g
+        gated = CounterMetricFamily(f"{NS}_echo_gated_frames", "10 ms capture frames the residual echo gate muted.")
+        gated.add_metric([], mono("aec.gated_frames", aec.get("gated_frames")) or 0.0)
+        yield gated
+
     def _engine(self, stats: Mapping[str, Any], counters: Mapping[str, Any]) -> Iterator[Metric]:
         mono = self.m._engine_mono
         if stats and stats.get("pid") is not None:
@@ -682,6 +709,7 @@ class _PullCollector(Collector):
             fam = CounterMetricFamily(f"{NS}_{metric}", doc)
             fam.add_metric([], float(counters.get(key, 0) or 0))
             yield fam
+        yield from self._echo(stats.get("aec") if stats else None, mono)
         buf = GaugeMetricFamily(f"{NS}_playback_buffer_seconds", "Audio queued in the engine's playout buffer (depth).")
         if isinstance(stats.get("buffer_ms") if stats else None, (int, float)):
             buf.add_metric([], stats["buffer_ms"] / 1000)

@@ -529,6 +529,8 @@ class Daemon(EngineHandlers):
             "delay_ms": a.get("delay_ms"),                     # hint given to AEC3
             "path_delay_ms": a.get("path_delay_ms"),           # t_dac - t_adc estimate
             "predelay_ms": a.get("predelay_ms"),
+            "gate_db": a.get("gate_db"),                       # residual echo gate threshold
+            "gated_frames": a.get("gated_frames"),             # 10 ms frames it muted, cumulative
             "capture_us_mean": a.get("capture_us_mean"),
             "worker_latency_us_max": a.get("worker_latency_us_max"),
             "errors": a.get("errors"),
