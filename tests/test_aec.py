@@ -544,6 +544,9 @@ def test_aec_defaults_to_webrtc_on_real_devices_only(tmp_path):
     assert engine_spec(cfg).options["aec"] == "webrtc" and engine_spec(cfg).options["aec_gate_db"] == 15.0
     off = config_from_dict({"audio": {"aec": "off", "aec_gate_db": 0}}, "test")
     assert engine_spec(off).options["aec"] == "off"
+    ns = config_from_dict({"audio": {"aec_noise_suppression": True, "aec_high_pass_filter": True}}, "test")
+    assert engine_spec(ns).options["aec_noise_suppression"] is True
+    assert engine_spec(ns).options["aec_high_pass_filter"] is True
     wav = config_from_dict({"audio": {"backend": "wav"}}, "test")
     assert "aec" not in engine_spec(wav).options   # no acoustic path: nothing to cancel
 

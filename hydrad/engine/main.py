@@ -174,7 +174,10 @@ class Engine:
         self.aec_mode = options.get("aec", "off")
         try:
             canceller = make_canceller(self.aec_mode, **(
-                {"gate_db": float(options.get("aec_gate_db", 15.0))} if self.aec_mode == "webrtc" else {}))
+                {"gate_db": float(options.get("aec_gate_db", 15.0)),
+                 "noise_suppression": bool(options.get("aec_noise_suppression", False)),
+                 "high_pass_filter": bool(options.get("aec_high_pass_filter", False))}
+                if self.aec_mode == "webrtc" else {}))
         except (AecUnavailable, ValueError, TypeError) as exc:
             raise ConfigError(str(exc)) from None  # exit 3: asked for, not available
         self.aec: AecWorker | None = None
