@@ -551,7 +551,16 @@ def test_aec_defaults_to_webrtc_on_real_devices_only(tmp_path):
     assert "aec" not in engine_spec(wav).options   # no acoustic path: nothing to cancel
 
 
-def test_check_config_names_a_missing_canceller(monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def _restore_logging():
+    """check-config configures logging onto capsys's stderr, which closes after the test."""
+    from hydrad.observe.logging import reset_logging
+
+    yield
+    reset_logging()
+
+
+def test_check_config_names_a_missing_canceller(monkeypatch, tmp_path, capsys, _restore_logging):
     from hydrad import app
     from hydrad.engine import devices
 
