@@ -487,12 +487,13 @@ class EchoCanceller:
 
         **Residual echo gate.** While the far end is active, a 10 ms frame the canceller took
         ``gate_db`` or more out of (input energy / output energy) is mostly echo: what is left
-        is residual echo, and it is muted (ramped over the frame, so no click). AEC3 leaks
-        -55..-70 dBFS for a few hundred ms when the echo path jumps (a sound server
-        re-buffering, measured ~5-7 ms jumps about once a minute through PulseAudio), enough
-        for a server VAD to open a turn on the agent's own voice; those frames are 15-30 dB
-        below their input. A user talking over the reply makes the output carry their voice,
-        so input/output falls to a few dB and the frame passes.
+        is residual echo, and it is muted (ramped over the frame, so no click). While AEC3
+        re-aligns after the echo path steps by a few ms it can leak -55..-70 dBFS, 15-30 dB
+        below its input, enough for a server VAD to open a turn on the agent's own voice. A
+        user talking over the reply makes the output carry their voice, so input/output falls
+        to a few dB and the frame passes (and the gate then stays open 200 ms). Where AEC3
+        drops its filter and passes the echo through at full level the gate cannot tell it
+        from a user (docs/aec.md, "Left undone").
         """
         t_start = time.perf_counter_ns()
         as_bytes = isinstance(frame, (bytes, bytearray, memoryview))

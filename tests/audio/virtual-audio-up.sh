@@ -14,6 +14,7 @@
 #   feed the mic:        paplay --device=micfeed --latency-msec=10 utterance.wav
 #   record the speaker:  parecord --device=vspk.monitor --latency-msec=10 --file-format=wav out.wav
 # Stop: bash tests/audio/virtual-audio-down.sh "$VAUDIO_DIR"  (by PID, never by name)
+# Diagnostics: VAUDIO_LOG_LEVEL=info (or debug) and VAUDIO_LOG_TIME=1 for $DIR/pulseaudio.log.
 #
 # Two PulseAudio behaviours are worked around (see docs/benchmarks.md, "Virtual devices"):
 # an idle null sink renders 2 s ahead, so the first stream stalls up to 2 s (fix: permanent
