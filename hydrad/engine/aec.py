@@ -67,6 +67,7 @@ echo-cancel source is the other way out. See docs/aec.md.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
@@ -178,8 +179,6 @@ class AecDump:
     environment; about 200 KB/s at 48 kHz. Written by the thread that runs the canceller."""
 
     def __init__(self, directory: str) -> None:
-        import os  # noqa: PLC0415
-
         os.makedirs(directory, exist_ok=True)
         self.dir = directory
         self._far = open(os.path.join(directory, "far.raw"), "wb")  # noqa: SIM115

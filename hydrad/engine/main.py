@@ -173,11 +173,10 @@ class Engine:
         # echo canceller (docs/aec.md): cleaned in a worker thread, off the audio callbacks
         self.aec_mode = options.get("aec", "off")
         try:
-            canceller = make_canceller(self.aec_mode, **(
-                {"gate_db": float(options.get("aec_gate_db", 15.0)),
-                 "noise_suppression": bool(options.get("aec_noise_suppression", False)),
-                 "high_pass_filter": bool(options.get("aec_high_pass_filter", False))}
-                if self.aec_mode == "webrtc" else {}))
+            canceller = make_canceller(self.aec_mode,
+                                       gate_db=float(options.get("aec_gate_db", 15.0)),
+                                       noise_suppression=bool(options.get("aec_noise_suppression", False)),
+                                       high_pass_filter=bool(options.get("aec_high_pass_filter", False)))
         except (AecUnavailable, ValueError, TypeError) as exc:
             raise ConfigError(str(exc)) from None  # exit 3: asked for, not available
         self.aec: AecWorker | None = None
