@@ -7,7 +7,11 @@ prints numbers (docs/benchmarks.md "Echo cancellation" has a recorded run).
   frame, the engine's defaults) for baselines measured in the same run -- a plain numpy copy
   of the same frames, a soxr 48->16 kHz stream of the reference plus the copy, the livekit
   APM with every stage off (FFI cost alone), the bare APM with AEC -- and for
-  ``EchoCanceller`` (AEC, and AEC+NS+HPF). Best of 3 passes over a 16.5 s scene; ratios.
+  ``EchoCanceller`` (AEC, AEC+NS+HPF, and AEC without the gate's leak check). Best of 3
+  passes over a 16.5 s scene; ratios.
+* ``leak``: the gate's leak check (``EchoLeakDetector.near_bound``) per call against one
+  numpy FFT of the same size measured in the same run, and how many capture frames of the
+  scene (and of a 3.4 s double talk) it runs on.
 * ``latency``: the added capture latency: a near-end-only signal through the canceller
   (far end silent), input vs output cross-correlated; plus the processing time per frame.
 * ``contention``: a 10 ms "audio callback" thread next to a CPU-bound pure-Python thread
@@ -126,7 +130,7 @@ def bench_cpu(passes: int = 3) -> dict[str, Any]:
                         apm.process_stream(cf)
             return step
         ns = kind == "canceller_ns_hpf"
-        c = EchoCanceller(noise_suppression=ns, high_pass_filter=ns)
+        c = EchoCanceller(noise_suppression=ns, high_pass_filter=ns, leak_check=kind != "canceller_no_leak")
 
         def step(k: int) -> None:
             c.feed_reference(far[k * 480 : (k + 1) * 480], DEV, T0 + k / 100 + L_OUT)
@@ -135,7 +139,7 @@ def bench_cpu(passes: int = 3) -> dict[str, Any]:
                 c.process_capture(mic[j : j + 320], T0 + j / RATE - L_IN)
         return step
 
-    kinds = ["copy", "soxr", "apm_off", "apm_aec", "canceller", "canceller_ns_hpf"]
+    kinds = ["copy", "soxr", "apm_off", "apm_aec", "canceller", "canceller_ns_hpf", "canceller_no_leak"]
     res: dict[str, Any] = {}
     best: dict[str, tuple[float, list[float], float]] = {}
     for _ in range(passes):  # interleaved, so a burst of load elsewhere hits every variant
@@ -159,6 +163,38 @@ def bench_cpu(passes: int = 3) -> dict[str, Any]:
         r = res[kind]
         print(f"{kind:18} {r['us_mean']:8.1f} {r['us_p50']:7.1f} {r['us_p99']:7.1f} {r['us_max']:8.1f} "
               f"{r['cpu_us_per_step']:7.1f} {r['core_pct']:7.2f} {r['x_copy']:7.1f} {r['x_apm_off']:9.2f}")
+    return res
+
+
+# ---- the leak check -----------------------------------------------------------------------------
+def bench_leak(calls: int = 300) -> dict[str, Any]:
+    from hydrad.engine.echo_leak import EchoLeakDetector
+
+    s = build_scene(delay_s=0.04, far_kind="speech")
+    c = EchoCanceller()
+    drive(c, s)
+    det = EchoLeakDetector()
+    far16 = soxr.resample(s.far, DEV, RATE)
+    for k in range(200):  # 2 s of far end and mic in
+        det.reference(far16[k * 160 : (k + 1) * 160])
+        det.capture(s.mic[k * 160 : (k + 1) * 160])
+    x = np.random.default_rng(1).standard_normal(det._nfft)
+    times: dict[str, list[float]] = {"fft": [], "near_bound": []}
+    for _ in range(calls):  # interleaved with the baseline
+        t = time.perf_counter()
+        np.fft.irfft(np.fft.rfft(x))
+        times["fft"].append((time.perf_counter() - t) * 1e6)
+        t = time.perf_counter()
+        det.near_bound()
+        times["near_bound"].append((time.perf_counter() - t) * 1e6)
+    res = {k: {"us_p50": round(_pct(v, 50), 1), "us_p99": round(_pct(v, 99), 1)} for k, v in times.items()}
+    res["x_fft"] = round(res["near_bound"]["us_p50"] / res["fft"]["us_p50"], 1)
+    res["frames"] = c.frames
+    res["frames_tested"] = c._leak.tests if c._leak else 0
+    res["leak_frames"] = c.leak_frames
+    print(f"\nleak check per call: p50 {res['near_bound']['us_p50']} us, p99 {res['near_bound']['us_p99']} us "
+          f"= {res['x_fft']} x one rfft+irfft of {det._nfft} (p50 {res['fft']['us_p50']} us); ran on "
+          f"{res['frames_tested']} of {res['frames']} capture frames of the scene (muted {res['leak_frames']})")
     return res
 
 
@@ -373,7 +409,7 @@ def bench_voices() -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", nargs="?", default="all",
-                    choices=["all", "cpu", "latency", "contention", "quality", "voices"])
+                    choices=["all", "cpu", "leak", "latency", "contention", "quality", "voices"])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--switch-ms", type=float, default=None,
                     help="sys.setswitchinterval for the run (Python's default: 5 ms)")
@@ -385,7 +421,7 @@ def main() -> None:
     print(f"python {platform.python_version()} {platform.machine()}, livekit "
           f"{getattr(livekit.rtc, '__version__', '?')}, numpy {np.__version__}, soxr {soxr.__version__}")
     out: dict[str, Any] = {}
-    todo = ["cpu", "latency", "contention", "quality", "voices"] if args.what == "all" else [args.what]
+    todo = ["cpu", "leak", "latency", "contention", "quality", "voices"] if args.what == "all" else [args.what]
     for what in todo:
         out[what] = globals()[f"bench_{what}"]()
     if args.json:

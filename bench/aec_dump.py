@@ -1,7 +1,8 @@
 """Read a ``HYDRAD_AEC_DUMP`` directory: the echo delay AEC3 had to find, burst by burst.
 
     HYDRAD_AEC_DUMP=/tmp/aec hydrad run ...        # or any test/bench that starts the engine
-    python bench/aec_dump.py /tmp/aec
+    python bench/aec_dump.py /tmp/aec             # the echo lag, burst by burst
+    python bench/aec_dump.py /tmp/aec --replay    # re-run it through today's canceller
 
 The dump holds what the canceller was given, in the order it was given (``far.raw``,
 ``near.raw``, ``out.raw``, ``order.txt``; see ``hydrad.engine.aec.AecDump``). For each burst of
@@ -10,6 +11,14 @@ from the start (what AEC3 has to track; clocks and timestamps play no part), the
 of that match, how far ahead the reference frames were given, and the cleaned level over the
 burst's first 200 ms and over the rest. A lag that moves from burst to burst is an echo path
 that drifts; a loud first 200 ms is AEC3 re-aligning after it.
+
+``--replay`` feeds the recording, in its recorded order, through a fresh ``EchoCanceller``
+three ways (no gate; the level gate alone; the gate with its leak check, the default) and
+prints where the simulator's turn detector opens a turn on each output: a turn that one way
+opens and the next does not is an echo that way let through. AEC3 is deterministic, so a
+self-interruption recorded on a device replays from the start of the dump (not always from
+the middle: its state at the event matters). Timestamps are rebuilt from the frame counts
+and the measured lag; they only place the gate's far-end window.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ FRAME = RATE // 100  # 10 ms
 
 @dataclass
 class Dump:
+    far: np.ndarray          # the reference frames as given (int16 at ``rate``)
+    rate: int
     far16: np.ndarray        # the reference, resampled to 16 kHz (float64, PCM16 scale)
     near: np.ndarray         # the capture before cancelling
     out: np.ndarray          # after
@@ -50,11 +61,12 @@ def load(directory: str | Path) -> Dump:
     lines = (d / "order.txt").read_text().split("\n")
     rate = int(lines[0].split()[-1])
     given = np.array([int(x) for x in lines[1:] if x.strip()])
-    far = np.fromfile(d / "far.raw", np.int16).astype(np.float64)
-    far16 = soxr.resample(far, rate, RATE) if rate != RATE else far
+    far = np.fromfile(d / "far.raw", np.int16)
+    f = far.astype(np.float64)
+    far16 = soxr.resample(f, rate, RATE) if rate != RATE else f
     near = np.fromfile(d / "near.raw", np.int16).astype(np.float64)
     out = np.fromfile(d / "out.raw", np.int16).astype(np.float64)
-    return Dump(far16, near, out, given)
+    return Dump(far, rate, far16, near, out, given)
 
 
 def _dbfs(x: np.ndarray) -> float:
@@ -110,11 +122,62 @@ def analyse(d: Dump, min_delay_ms: float = -50.0, max_delay_ms: float = 250.0) -
     return bursts
 
 
+def replay(d: Dump, lag_s: float, **canceller_kw) -> np.ndarray:
+    """The capture as a fresh ``EchoCanceller(**canceller_kw)`` cleans it, fed in the recorded
+    order (int16 at 16 kHz)."""
+    from hydrad.engine.aec import EchoCanceller
+
+    c = EchoCanceller(**canceller_kw)
+    fn = d.rate // 100
+    near = d.near.astype(np.int16)
+    out = np.zeros(len(d.given) * FRAME, np.int16)
+    t0, k = 1000.0, 0
+    try:
+        for j, given in enumerate(d.given):
+            while k < given:
+                c.feed_reference(d.far[k * fn : (k + 1) * fn], d.rate, t0 + k / 100 + lag_s / 2)
+                k += 1
+            a = j * FRAME
+            out[a : a + FRAME] = c.process_capture(near[a : a + FRAME], t0 + j / 100 - lag_s / 2)
+    finally:
+        c.close()
+    return out
+
+
+def turn_starts(x: np.ndarray) -> list[float]:
+    """Seconds at which the simulator's turn detector (the service's VAD in the tests) opens
+    a turn on ``x``."""
+    from hydrad.sim.vad import SpeechStartedEv, TurnDetector
+
+    n = iter(range(1 << 30))
+    td = TurnDetector(lambda: f"item{next(n)}")
+    return [e.audio_start_ms / 1000.0 for e in td.feed(np.asarray(x, "<i2").tobytes())
+            if isinstance(e, SpeechStartedEv)]
+
+
+REPLAYS = {"no gate": {"gate_db": 0}, "level gate": {"leak_check": False}, "gate + leak check": {}}
+
+
+def replay_all(d: Dump, bursts: list[Burst]) -> dict[str, list[float]]:
+    lag = float(np.median([b.delay_ms for b in bursts])) / 1000 if bursts else 0.05
+    return {name: turn_starts(replay(d, lag, **kw)) for name, kw in REPLAYS.items()}
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
+    if len(argv) not in (1, 2) or (len(argv) == 2 and argv[1] != "--replay"):
         print(__doc__)
         return 2
     d = load(argv[0])
+    if len(argv) == 2:
+        starts = replay_all(d, analyse(d))
+        names = list(starts)
+        for i, name in enumerate(names):
+            extra = ""
+            if i:
+                gone = [t for t in starts[names[i - 1]] if not any(abs(t - u) < 0.1 for u in starts[name])]
+                extra = f"; gone since {names[i - 1]!r}: {gone}"
+            print(f"{name:>18}: {len(starts[name])} turns opened{extra}")
+        return 0
     print(f"{len(d.given)} capture frames, {len(d.far16) // FRAME} reference frames")
     print(f"{'burst (s)':>17} {'echo lag':>10} {'corr':>5} {'ahead':>7} {'near':>7} {'out 200ms':>9} {'out rest':>8}")
     for b in analyse(d):

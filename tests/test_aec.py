@@ -494,6 +494,25 @@ def test_dump_lines_the_streams_up_as_the_apm_saw_them(tmp_path, delay):
             assert max(b.out_first_dbfs, b.out_rest_dbfs) < b.near_dbfs - 30, b
 
 
+def test_dump_replays_through_each_gate(tmp_path):
+    """``bench/aec_dump.py --replay``: a recorded self-interruption (here a dry path that steps,
+    recorded with the level gate alone) replays: the level gate opens a turn on the echo,
+    the leak check does not, and both open the user's."""
+    from bench.aec_dump import analyse, load, replay_all
+
+    s = build_scene(delay_s=0.04, far_kind="speech", jumps=STEPS, near_at=12.0, reverb=0.0)
+    c = EchoCanceller(leak_check=False)
+    c.dump = aec_mod.AecDump(str(tmp_path))
+    recorded = drive(c, s)
+    c.close()
+    d = load(tmp_path)
+    starts = replay_all(d, analyse(d))
+    assert turn_starts(recorded) == starts["level gate"]
+    assert [t for t in starts["level gate"] if t < s.near_at], starts
+    assert not [t for t in starts["gate + leak check"] if t < s.near_at - 0.05], starts
+    assert all(any(s.near_at <= t <= s.near_at + 0.2 for t in v) for v in starts.values()), starts
+
+
 # ---- the residual echo gate -------------------------------------------------------------------
 JUMPS = ((3.0, 0.006), (8.2, 0.006), (11.0, 0.005))  # what PulseAudio's loopback does, in ms
 
@@ -513,12 +532,37 @@ def test_residual_echo_gate_stops_self_interruption_after_echo_path_jumps():
     assert c.gated_frames > 500 and c.stats()["gated_frames"] == c.gated_frames
 
 
+STEPS = ((3.0, 0.0075), (8.2, 0.01), (10.5, 0.0075))  # a host stall re-buffering the playback
+
+
+def test_leak_check_mutes_the_echo_aec3_passes_after_the_path_steps():
+    """A dry echo path (a loudspeaker next to the microphone; the virtual rig) that steps by
+    7.5-10 ms three times, as recorded after host stalls: AEC3 passes echo through 3-10 dB
+    under its input while it re-aligns, too loud for the level gate to call it echo, and the
+    agent interrupts itself at 10.6 s. The leak check (a delay line fitted to the far end
+    leaves far less than AEC3 let through) mutes it, and the user's barge-in at 12 s is
+    still seen at once."""
+    s = build_scene(delay_s=0.04, far_kind="speech", jumps=STEPS, near_at=12.0, reverb=0.0)
+    gate_only = drive(EchoCanceller(leak_check=False), s)
+    assert [t for t in turn_starts(gate_only) if t < s.near_at], "no self-interruption: the test cannot fail"
+    c = EchoCanceller()
+    out = drive(c, s)
+    starts = turn_starts(out)
+    assert starts and not any(t < s.near_at - 0.05 for t in starts), starts
+    assert s.near_at <= starts[0] <= s.near_at + 0.2, starts
+    assert false_vad(s, out)[0] == 0
+    st = c.stats()
+    assert st["leak_check"] is True and 0 < st["leak_frames"] == c.leak_frames < 100
+    assert EchoCanceller(gate_db=0).stats()["leak_check"] is False  # the check is part of the gate
+
+
 @pytest.mark.parametrize("delay", [0.04, 0.25])
 def test_residual_echo_gate_keeps_double_talk(delay):
-    """The gate mutes only frames the canceller took >= 15 dB out of, and stays open 200 ms
-    after the near end was heard: the user's word edges under a louder echo survive (recall
-    as without the gate, measured 0.86/0.87 both ways), where a plain 12 dB gate without
-    the hold loses a sixth of them (0.73/0.75)."""
+    """The gate mutes only frames the canceller took >= 15 dB out of (or that fail the leak
+    check), and stays open 200 ms after the near end was heard: the user's word edges under
+    a louder echo survive (recall as without the gate, measured 0.86/0.87 both ways; the leak
+    check mutes 1 frame of the 3.4 s of double talk), where a plain 12 dB gate without the
+    hold loses a sixth of them (0.73/0.75)."""
     s = scene(delay_s=delay, far_kind="speech")
     a, b = int(s.near_at * RATE), int((s.near_at + 3.3) * RATE)
     recalls = []

@@ -86,9 +86,10 @@ class Scene:
 
 
 def room_response(rate: int, delay_s: float, gain_db: float = -8.0, rt60_s: float = 0.15,
-                  tail_s: float = 0.2, seed: int = 1) -> np.ndarray:
+                  tail_s: float = 0.2, seed: int = 1, reverb: float = 0.5) -> np.ndarray:
     """Direct path at ``delay_s`` with ``gain_db``, then a Gaussian tail decaying by 60 dB in
-    ``rt60_s`` and carrying half the direct path's energy."""
+    ``rt60_s`` and carrying ``reverb`` times the direct path's energy (0: a dry path, as a
+    loudspeaker next to the microphone, or the virtual rig)."""
     rng = np.random.default_rng(seed)
     d = int(round(delay_s * rate))
     n_tail = int(tail_s * rate)
@@ -97,7 +98,7 @@ def room_response(rate: int, delay_s: float, gain_db: float = -8.0, rt60_s: floa
     h[d] = g
     t = np.arange(n_tail) / rate
     tail = rng.standard_normal(n_tail) * np.exp(-6.91 * t / rt60_s)
-    tail *= np.sqrt(0.5 * g * g / np.sum(tail * tail))
+    tail *= np.sqrt(reverb * g * g / np.sum(tail * tail))
     h[d + 2 : d + 2 + n_tail] = tail
     return h
 
@@ -114,7 +115,7 @@ def build_scene(delay_s: float = 0.04, dev_rate: int = 48000, seconds: float = 1
                 near_at: float | None = 10.0, near_gain_db: float = -8.0,
                 echo_gain_db: float = -8.0, noise_dbfs: float = -65.0, seed: int = 7,
                 far_kind: str = "voice", voices: tuple[int, ...] = (1, 4),
-                jumps: tuple[tuple[float, float], ...] = ()) -> Scene:
+                jumps: tuple[tuple[float, float], ...] = (), reverb: float = 0.5) -> Scene:
     far = np.zeros(int(round(seconds * dev_rate)))
     for k, (a, b) in enumerate(far_spans):
         if a >= seconds:
@@ -122,14 +123,17 @@ def build_scene(delay_s: float = 0.04, dev_rate: int = 48000, seconds: float = 1
         x = far_signal(far_kind, voices[k % len(voices)], min(b, seconds) - a, dev_rate)
         i = int(round(a * dev_rate))
         far[i : i + len(x)] = x[: len(far) - i]
-    h = room_response(dev_rate, delay_s, echo_gain_db, seed=seed)
+    h = room_response(dev_rate, delay_s, echo_gain_db, seed=seed, reverb=reverb)
     echo_dev = _fftconv(far, h)
     echo = soxr.resample(echo_dev, dev_rate, RATE, quality="HQ")
     n = int(round(seconds * RATE))
     echo = np.pad(echo, (0, max(0, n - len(echo))))[:n]
-    for at, by in jumps:  # the path grows by `by` s at `at`: silence inserted, as a sound server re-buffering
-        i, k = int(round(at * RATE)), int(round(by * RATE))
-        echo[i:] = np.concatenate([np.zeros(k), echo[i : n - k]])
+    for at, by in jumps:  # the path grows by `by` s at `at` (silence inserted, as a sound server
+        i, k = int(round(at * RATE)), int(round(by * RATE))  # re-buffering), or shrinks (skipped)
+        if k >= 0:
+            echo[i:] = np.concatenate([np.zeros(k), echo[i : n - k]])
+        else:
+            echo[i:] = np.concatenate([echo[i - k :], np.zeros(-k)])
     rng = np.random.default_rng(seed + 100)
     noise = rng.standard_normal(n) * 32768.0 * 10 ** (noise_dbfs / 20.0)
     near = np.zeros(n)

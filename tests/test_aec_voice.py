@@ -40,7 +40,9 @@ def test_the_canceller_locks_onto_every_reply_pitch_only_when_the_voice_is_aperi
     false_frames = []
     for n in range(1, 11):
         scene = scene_mod.build_scene(voices=(n, n), near_at=None, seconds=6.0, far_spans=((0.5, 5.5),))
-        out = scene_mod.drive(make_canceller("webrtc"), scene)
+        # AEC3 itself: the gate's leak check would hide its failure (a delay line fits a
+        # periodic far end at any lag: with it, a strictly periodic voice gives <= 11 frames)
+        out = scene_mod.drive(make_canceller("webrtc", leak_check=False), scene)
         false_frames.append(scene_mod.false_vad(scene, out)[0])
     if cancelled:
         assert max(false_frames) <= 10, false_frames

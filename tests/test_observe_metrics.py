@@ -311,7 +311,7 @@ def test_engine_counter_reset_without_a_pid_is_detected() -> None:
 
 def test_echo_canceller_figures_are_exported_and_in_each_turn_line() -> None:
     stats: dict = {"pid": 7, "aec": {"erle_db": 55.5, "residual_echo_dbfs": -94.0, "path_delay_ms": 48.0,
-                                      "gated_frames": 120}}
+                                      "gated_frames": 120, "leak_frames": 9}}
     buf = io.StringIO()
     configure_logging(LogConfig(), buf)
     m = Metrics(engine_stats=lambda: stats, clock=FakeClock(1000.0))
@@ -319,9 +319,11 @@ def test_echo_canceller_figures_are_exported_and_in_each_turn_line() -> None:
     assert value(sm, "hydrad_echo_erle_db") == 55.5 and value(sm, "hydrad_echo_residual_dbfs") == -94.0
     assert value(sm, "hydrad_echo_path_delay_seconds") == pytest.approx(0.048)
     assert value(sm, "hydrad_echo_gated_frames_total") == 120
+    assert value(sm, "hydrad_echo_leak_frames_total") == 9
     run_script(m)
     turns = [json.loads(line) for line in buf.getvalue().splitlines() if json.loads(line)["event"] == "turn.completed"]
-    assert turns and all(t["echo_erle_db"] == 55.5 and t["echo_gated_frames"] == 120 for t in turns)
+    assert turns and all(t["echo_erle_db"] == 55.5 and t["echo_gated_frames"] == 120
+                         and t["echo_leak_frames"] == 9 for t in turns)
     # without a canceller: no echo series, no echo fields
     stats["aec"] = None
     assert not any(n.startswith("hydrad_echo_") for n, _ in samples(m.metrics_text()))

@@ -76,6 +76,8 @@ from typing import Any, Callable
 import numpy as np
 import soxr
 
+from hydrad.engine.echo_leak import EchoLeakDetector
+
 CAPTURE_RATE = 16000          # the engine's uplink rate: the APM's capture stream
 FRAME_S = 0.010               # the APM takes exactly 10 ms frames
 MAX_APM_DELAY_MS = 500        # libwebrtc rejects a larger stream delay
@@ -87,6 +89,8 @@ _OPEN_RATIO = 10.0 ** (6.0 / 10.0)
 _OPEN_MIN_E = CAP_N * (32768.0 * 10.0 ** (-55.0 / 20.0)) ** 2
 _GATE_HOLD_FRAMES = 20
 _GATE_TAIL_S = 0.5            # the gate watches this long after the far end (room tail + path)
+_LEAK_MIN_E = CAP_N * (32768.0 * 10.0 ** (-65.0 / 20.0)) ** 2  # quieter output is no risk
+_LEAK_RATIO = 2.0             # AEC3 output 3 dB above what a fitted delay line leaves: a leak
 _INSTALL_HINT = (
     "audio.aec = \"webrtc\" needs livekit's AudioProcessingModule: "
     "pip install 'livekit>=1.2,<2' (the 'aec' extra: pip install 'hydrad[aec]'). "
@@ -95,6 +99,17 @@ _INSTALL_HINT = (
     "there use audio.aec = \"system\" (a PipeWire/PulseAudio echo-cancel source) "
     "or see docs/aec.md for the aec-audio-processing fallback (builds from source)"
 )
+
+
+def _to_16k(frame: np.ndarray) -> np.ndarray:
+    """A 10 ms reference frame at its APM rate, at 16 kHz for the echo leak test (a mean over
+    whole-number ratios, linear interpolation otherwise: shapes only, no filter needed)."""
+    n = len(frame)
+    if n == CAP_N:
+        return frame
+    if n % CAP_N == 0:
+        return frame.reshape(CAP_N, n // CAP_N).mean(axis=1, dtype=np.float32)
+    return np.interp(np.arange(CAP_N) * (n / CAP_N), np.arange(n), frame).astype(np.float32)
 
 
 class AecUnavailable(RuntimeError):
@@ -220,7 +235,10 @@ class EchoCanceller:
       ``tail_ms`` (150): how long the echo may ring on after it;
     * ``window_s`` (5.0): the residual-echo/ERLE medians cover this much far-end-active
       capture; ``erle_floor_dbfs`` (-60): quieter input frames are left out of the ERLE;
-    * ``gate_db`` (15; 0 turns it off): the **residual echo gate**, see :meth:`process_capture`.
+    * ``gate_db`` (15; 0 turns it off): the **residual echo gate**, see :meth:`process_capture`;
+    * ``leak_check`` (True; needs the gate): the gate also mutes frames AEC3 passed at least
+      3 dB louder than a delay line fitted to the far end leaves
+      (:class:`~hydrad.engine.echo_leak.EchoLeakDetector`).
     """
 
     def __init__(
@@ -240,6 +258,7 @@ class EchoCanceller:
         window_s: float = 5.0,
         erle_floor_dbfs: float = -60.0,
         gate_db: float = 15.0,
+        leak_check: bool = True,
     ) -> None:
         rtc = load_rtc()
         if not 0.0 <= gate_db <= 60.0:
@@ -328,6 +347,8 @@ class EchoCanceller:
         self._gate_ramp = np.linspace(0.0, 1.0, CAP_N + 1, dtype=np.float32)[1:]
         self.gated_frames = 0                # 10 ms frames the gate closed on
         self._gate_hold = 0                  # frames the gate stays open after near-end speech
+        self._leak = EchoLeakDetector() if leak_check and self.gate_db > 0 else None
+        self.leak_frames = 0                 # frames muted as AEC3 having lost the echo path
         self.dump: AecDump | None = None     # set by the engine from HYDRAD_AEC_DUMP
 
     # ---- far end ------------------------------------------------------------------------
@@ -470,6 +491,8 @@ class EchoCanceller:
             except Exception as exc:  # RuntimeError from the FFI (or closed): count it
                 self._error(exc)
             self.reference_frames += 1
+            if self._leak is not None:
+                self._leak.reference(_to_16k(self._ref_view))
             if self.dump is not None:
                 self.dump.far(self._ref_view, self.ref_rate)
 
@@ -480,19 +503,25 @@ class EchoCanceller:
 
         ``frame``: an int16 array (a new array is returned, the input is left alone) or PCM16
         LE bytes-like (bytes are returned). ``t_adc``: when its first sample hit the ADC
-        (None: unknown; the delay estimate and echo metrics skip it). A frame the APM fails
-        on is returned unprocessed and counted in ``errors``. Raises ValueError only for a
-        wrong shape/dtype/length (a programming error).
+        (None: unknown; the delay estimate, echo metrics and gate skip it). A frame the APM
+        fails on is returned unprocessed and counted in ``errors``. Raises ValueError only
+        for a wrong shape/dtype/length (a programming error).
 
-        **Residual echo gate.** While the far end is active, a 10 ms frame the canceller took
-        ``gate_db`` or more out of (input energy / output energy) is mostly echo: what is left
-        is residual echo, and it is muted (ramped over the frame, so no click). While AEC3
-        re-aligns after the echo path steps by a few ms it can leak -55..-70 dBFS, 15-30 dB
-        below its input, enough for a server VAD to open a turn on the agent's own voice. A
-        user talking over the reply makes the output carry their voice, so input/output falls
-        to a few dB and the frame passes (and the gate then stays open 200 ms). Where AEC3
-        drops its filter and passes the echo through at full level the gate cannot tell it
-        from a user (docs/aec.md, "Left undone").
+        **Residual echo gate** (while the far end is active), per 10 ms frame:
+
+        * **leak check** first: AEC3 let through more than a quiet remainder (> -65 dBFS,
+          under ``gate_db`` taken out) and that is at least 3 dB more than a delay line
+          fitted to the far end leaves of the input (:class:`EchoLeakDetector`): AEC3 has lost
+          the echo path (a step after a host stall, streams restarted out of step) and is
+          passing the agent's voice 3-10 dB under its input. Muted; counted in
+          ``leak_frames``;
+        * the canceller took less than 6 dB out and more than -55 dBFS is left: a user
+          talking over the reply. Passed, and the gate stays open 200 ms (word edges);
+        * the canceller took ``gate_db`` or more out: what is left is residual echo (AEC3
+          re-aligning after a small step leaks -55..-70 dBFS, enough for a server VAD).
+          Muted.
+
+        Muting ramps over the frame (no click). Counted in ``gated_frames``.
         """
         t_start = time.perf_counter_ns()
         as_bytes = isinstance(frame, (bytes, bytearray, memoryview))
@@ -517,6 +546,8 @@ class EchoCanceller:
                 self._error(exc)
                 view[:] = seg
             self.frames += 1
+            if self._leak is not None:
+                self._leak.capture(seg)
             active = gate_active = False
             if t_adc is not None:
                 t0 = t_adc + s / CAPTURE_RATE
@@ -535,7 +566,13 @@ class EchoCanceller:
                     self._win_n = min(self._win_n + 1, self._win)
                     self.far_active_frames += 1
                 if self._gate_ratio:
-                    if e_out * _OPEN_RATIO > e_in and e_out > _OPEN_MIN_E:
+                    if (self._leak is not None and e_out > _LEAK_MIN_E and e_out * self._gate_ratio > e_in
+                            and e_out > _LEAK_RATIO * self._leak.near_bound()):
+                        gain = 0.0                  # AEC3 lost the echo path: the agent's own voice
+                        self._gate_hold = 0
+                        self.gated_frames += 1
+                        self.leak_frames += 1
+                    elif e_out * _OPEN_RATIO > e_in and e_out > _OPEN_MIN_E:
                         self._gate_hold = _GATE_HOLD_FRAMES  # near-end speech: keep open
                     elif self._gate_hold > 0:
                         self._gate_hold -= 1
@@ -655,6 +692,8 @@ class EchoCanceller:
             "erle_db": erle,
             "gate_db": self.gate_db,
             "gated_frames": self.gated_frames,
+            "leak_check": self._leak is not None,
+            "leak_frames": self.leak_frames,
             "errors": self.errors,
             "last_error": self.last_error,
             **self._t_cap.take("capture"),

@@ -384,7 +384,8 @@ class Metrics:
         if not isinstance(aec, Mapping):
             return {}
         return {"echo_erle_db": aec.get("erle_db"), "echo_residual_dbfs": aec.get("residual_echo_dbfs"),
-                "echo_path_delay_ms": aec.get("path_delay_ms"), "echo_gated_frames": aec.get("gated_frames")}
+                "echo_path_delay_ms": aec.get("path_delay_ms"), "echo_gated_frames": aec.get("gated_frames"),
+                "echo_leak_frames": aec.get("leak_frames")}
 
     def _on_barge_in(self, f: Mapping[str, Any], ev: Event) -> None:
         self.barge_ins.labels(self.label("barge_in", f.get("trigger"))).inc()
@@ -676,6 +677,10 @@ class _PullCollector(Collector):
         gated = CounterMetricFamily(f"{NS}_echo_gated_frames", "10 ms capture frames the residual echo gate muted.")
         gated.add_metric([], mono("aec.gated_frames", aec.get("gated_frames")) or 0.0)
         yield gated
+        leaked = CounterMetricFamily(f"{NS}_echo_leak_frames",
+                                     "Of those, frames muted because the canceller had lost the echo path (leak check).")
+        leaked.add_metric([], mono("aec.leak_frames", aec.get("leak_frames")) or 0.0)
+        yield leaked
 
     def _engine(self, stats: Mapping[str, Any], counters: Mapping[str, Any]) -> Iterator[Metric]:
         mono = self.m._engine_mono

@@ -532,6 +532,7 @@ class Daemon(EngineHandlers):
             "predelay_ms": a.get("predelay_ms"),
             "gate_db": a.get("gate_db"),                       # residual echo gate threshold
             "gated_frames": a.get("gated_frames"),             # 10 ms frames it muted, cumulative
+            "leak_frames": a.get("leak_frames"),               # ... of which AEC3 had lost the path
             "capture_us_mean": a.get("capture_us_mean"),
             "worker_latency_us_max": a.get("worker_latency_us_max"),
             "errors": a.get("errors"),

@@ -1,0 +1,116 @@
+"""The echo leak test's crude canceller (``hydrad.engine.echo_leak``), on its own.
+
+Far end: the simulator's reply voice or real speech; near end: the bundled utterance. Both
+bundled WAVs come from one formant synthesizer and share bit-identical stretches, so the
+"another talker" cases use the simulator's voice as the far end (an independent source)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hydrad.engine.echo_leak import EchoLeakDetector
+from hydrad.sim.voice import synthesize
+from tests.test_aec_scene import load_wav16
+
+N = 160  # 10 ms at 16 kHz
+
+
+def feed(det: EchoLeakDetector, far: np.ndarray, mic: np.ndarray, ahead: int = 2):
+    """Lockstep in 10 ms frames with the far end ``ahead`` frames early (as the engine gives
+    it); yields after each capture frame."""
+    for k in range(ahead):
+        det.reference(far[k * N : (k + 1) * N])
+    for j in range(len(mic) // N):
+        k = j + ahead
+        det.reference(far[k * N : (k + 1) * N] if (k + 1) * N <= len(far) else np.zeros(N))
+        det.capture(mic[j * N : (j + 1) * N])
+        yield j
+
+
+def delayed(x: np.ndarray, lag: int, gain: float = 0.1) -> np.ndarray:
+    return gain * (np.concatenate([np.zeros(lag), x])[: len(x)] if lag >= 0 else np.concatenate([x[-lag:], np.zeros(-lag)]))
+
+
+@pytest.mark.parametrize("lag_ms", [-15.0, 0.0, 7.5, 40.0, 150.0, 290.0])
+def test_a_delayed_copy_is_fitted_at_any_lag_in_range(lag_ms):
+    far = load_wav16("hello")[:16000]
+    mic = delayed(far, int(lag_ms * 16))
+    det = EchoLeakDetector()
+    for j in feed(det, far, mic):
+        pass
+    share, rest = det.fit()
+    w = mic[-det.window :]
+    e = float(np.dot(w, w)) * N / det.window    # mean energy per 10 ms frame
+    assert share > 0.999, share
+    assert det.near_bound() < 1e-4 * e          # the copy leaves next to nothing (-40 dB)
+    assert len(rest) == det.window
+
+
+def test_out_of_range_lags_are_not_fitted():
+    far = np.random.default_rng(5).standard_normal(16000) * 3000  # nothing in it looks alike
+    mic = delayed(far, int(400 * 16))
+    det, wide = EchoLeakDetector(), EchoLeakDetector(max_lag_ms=450)
+    for _ in feed(det, far, mic):
+        pass
+    for _ in feed(wide, far, mic):
+        pass
+    assert det.fit()[0] < 0.1
+    assert wide.fit()[0] > 0.999
+
+
+def test_another_talker_is_left_in_the_bound():
+    """Over the whole utterance (voice against the simulator's reply), what the copies leave
+    keeps at least half the talker's energy in 99 % of its speech frames."""
+    near = load_wav16("interrupt")
+    far = np.frombuffer(synthesize(1, len(near) / 16000 + 0.5, 16000), "<i2").astype(np.float64)
+    mic = near + delayed(far, 640, gain=0.3)[: len(near)]  # and an echo 10 dB under it
+    det = EchoLeakDetector()
+    kept = []
+    for j in feed(det, far, mic):
+        e_near = float(np.dot(near[j * N : (j + 1) * N], near[j * N : (j + 1) * N]))
+        if j >= 8 and e_near > N * 300.0**2:       # speech frames above -40 dBFS
+            kept.append(det.near_bound() / e_near)
+    kept = np.array(kept)
+    assert len(kept) > 100
+    assert np.mean(kept >= 0.5) >= 0.99, np.percentile(kept, [1, 5, 50])
+
+
+def test_nothing_to_fit_leaves_the_input():
+    det = EchoLeakDetector()
+    assert det.fit()[0] == 0.0                      # nothing captured yet
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal(16000) * 100
+    for _ in feed(det, np.zeros(16000), noise):     # silent far end
+        pass
+    share, rest = det.fit()
+    assert share == 0.0 and np.array_equal(rest, noise[-det.window :].astype(np.float32).astype(np.float64))
+
+
+def test_two_threads_feed_it():
+    import threading
+
+    far = load_wav16("hello")[:32000]
+    det = EchoLeakDetector()
+    done = threading.Event()
+
+    def ref():
+        for k in range(len(far) // N):
+            det.reference(far[k * N : (k + 1) * N])
+        done.set()
+
+    t = threading.Thread(target=ref)
+    t.start()
+    mic = delayed(far, 480)
+    for j in range(len(mic) // N):
+        det.capture(mic[j * N : (j + 1) * N])
+        det.fit()
+    t.join()
+    assert done.is_set()
+    assert det.fit()[0] > 0.999                     # once both sides are in, the copy fits
+
+
+def test_arguments_are_checked():
+    for kw in (dict(window_ms=5), dict(min_lag_ms=10, max_lag_ms=5), dict(taps=0), dict(max_lag_ms=2000)):
+        with pytest.raises(ValueError):
+            EchoLeakDetector(**kw)
