@@ -17,8 +17,9 @@ three ways (no gate; the level gate alone; the gate with its leak check, the def
 prints where the simulator's turn detector opens a turn on each output: a turn that one way
 opens and the next does not is an echo that way let through. AEC3 is deterministic, so a
 self-interruption recorded on a device replays from the start of the dump (not always from
-the middle: its state at the event matters). Timestamps are rebuilt from the frame counts
-and the measured lag; they only place the gate's far-end window.
+the middle: its state at the event matters), with the recorded timestamps and device
+reopens (older dumps without them: timestamps rebuilt from the frame counts and the
+measured lag; they place the gate's far-end window).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class Dump:
     near: np.ndarray         # the capture before cancelling
     out: np.ndarray          # after
     given: np.ndarray        # per 10 ms capture frame: reference frames given before it
+    resets: list[int]        # capture frames before which the device was reopened
+    far_t: np.ndarray | None = None   # t_dac per far-end frame (NaN: unknown; None: old dump)
+    t_adc: np.ndarray | None = None   # per capture frame
+    flags: list[str] | None = None    # per capture frame: what the gate did (see AecDump)
 
 
 @dataclass
@@ -59,14 +64,30 @@ class Burst:
 def load(directory: str | Path) -> Dump:
     d = Path(directory)
     lines = (d / "order.txt").read_text().split("\n")
-    rate = int(lines[0].split()[-1])
-    given = np.array([int(x) for x in lines[1:] if x.strip()])
+    rate = int(next(x for x in lines if x.startswith("# reference_rate")).split()[-1])
+    given_l: list[int] = []
+    t_l: list[float] = []
+    flags: list[str] = []
+    resets: list[int] = []
+    for x in lines:
+        if x == "reset":
+            resets.append(len(given_l))
+        elif x.strip() and not x.startswith("#"):
+            f = x.split()
+            given_l.append(int(f[0]))
+            if len(f) == 3:
+                t_l.append(float(f[1]))
+                flags.append(f[2])
+    given = np.array(given_l)
+    timed = len(t_l) == len(given_l) and (d / "far_t.f64").exists()
     far = np.fromfile(d / "far.raw", np.int16)
     f = far.astype(np.float64)
     far16 = soxr.resample(f, rate, RATE) if rate != RATE else f
     near = np.fromfile(d / "near.raw", np.int16).astype(np.float64)
     out = np.fromfile(d / "out.raw", np.int16).astype(np.float64)
-    return Dump(far, rate, far16, near, out, given)
+    return Dump(far, rate, far16, near, out, given, resets,
+                np.fromfile(d / "far_t.f64", np.float64) if timed else None,
+                np.array(t_l) if timed else None, flags if timed else None)
 
 
 def _dbfs(x: np.ndarray) -> float:
@@ -124,7 +145,8 @@ def analyse(d: Dump, min_delay_ms: float = -50.0, max_delay_ms: float = 250.0) -
 
 def replay(d: Dump, lag_s: float, **canceller_kw) -> np.ndarray:
     """The capture as a fresh ``EchoCanceller(**canceller_kw)`` cleans it, fed in the recorded
-    order (int16 at 16 kHz)."""
+    order with the recorded timestamps (int16 at 16 kHz; dumps without timestamps get them
+    rebuilt from the frame counts and ``lag_s``)."""
     from hydrad.engine.aec import EchoCanceller
 
     c = EchoCanceller(**canceller_kw)
@@ -132,13 +154,27 @@ def replay(d: Dump, lag_s: float, **canceller_kw) -> np.ndarray:
     near = d.near.astype(np.int16)
     out = np.zeros(len(d.given) * FRAME, np.int16)
     t0, k = 1000.0, 0
+    resets = set(d.resets)
+
+    def t_dac(k: int) -> float | None:
+        if d.far_t is None:
+            return t0 + k / 100 + lag_s / 2
+        return None if np.isnan(d.far_t[k]) else float(d.far_t[k])
+
+    def t_adc(j: int) -> float | None:
+        if d.t_adc is None:
+            return t0 + j / 100 - lag_s / 2
+        return None if np.isnan(d.t_adc[j]) else float(d.t_adc[j])
+
     try:
         for j, given in enumerate(d.given):
+            if j in resets:
+                c.reset_reference()
             while k < given:
-                c.feed_reference(d.far[k * fn : (k + 1) * fn], d.rate, t0 + k / 100 + lag_s / 2)
+                c.feed_reference(d.far[k * fn : (k + 1) * fn], d.rate, t_dac(k))
                 k += 1
             a = j * FRAME
-            out[a : a + FRAME] = c.process_capture(near[a : a + FRAME], t0 + j / 100 - lag_s / 2)
+            out[a : a + FRAME] = c.process_capture(near[a : a + FRAME], t_adc(j))
     finally:
         c.close()
     return out

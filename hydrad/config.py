@@ -150,6 +150,8 @@ class AudioConfig:
     aec: Literal["auto", "off", "webrtc", "system"] = "auto"
     #: residual echo gate after the canceller, dB (0: off); see docs/aec.md
     aec_gate_db: float = field(default=15.0, metadata=_range(0, 60))
+    #: the gate's leak check: mute what the canceller lets through after losing the echo path
+    aec_leak_check: bool = True
     #: the APM's other stages, with the in-engine canceller (NS adds ~6 ms of latency)
     aec_noise_suppression: bool = False
     aec_high_pass_filter: bool = False

@@ -591,6 +591,8 @@ def test_aec_defaults_to_webrtc_on_real_devices_only(tmp_path):
     ns = config_from_dict({"audio": {"aec_noise_suppression": True, "aec_high_pass_filter": True}}, "test")
     assert engine_spec(ns).options["aec_noise_suppression"] is True
     assert engine_spec(ns).options["aec_high_pass_filter"] is True
+    assert engine_spec(cfg).options["aec_leak_check"] is True
+    assert engine_spec(config_from_dict({"audio": {"aec_leak_check": False}}, "test")).options["aec_leak_check"] is False
     wav = config_from_dict({"audio": {"backend": "wav"}}, "test")
     assert "aec" not in engine_spec(wav).options   # no acoustic path: nothing to cancel
 

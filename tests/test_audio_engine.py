@@ -361,9 +361,9 @@ def test_hydrad_devices_json_and_table(vaudio):  # noqa: F811
 def test_echo_canceller_options_reach_the_engine(vaudio, engine):  # noqa: F811
     """The daemon's audio.aec* keys, as CONFIG options: the canceller runs with them."""
     e = engine()
-    ready = e.config({"aec": "webrtc", "aec_gate_db": 20.0, "aec_noise_suppression": True})
+    ready = e.config({"aec": "webrtc", "aec_gate_db": 20.0, "aec_noise_suppression": True, "aec_leak_check": False})
     assert ready.get("aec") == "webrtc", ready
     st = e.wait_json(Kind.STATS, lambda o: o.get("aec") is not None, timeout=5)["aec"]
-    assert (st["ns"], st["hpf"], st["gate_db"]) == (True, False, 20.0), st
+    assert (st["ns"], st["hpf"], st["gate_db"], st["leak_check"]) == (True, False, 20.0, False), st
     assert st["frames"] > 0 and st["errors"] == 0, st
     assert e.stop() == 0

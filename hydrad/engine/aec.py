@@ -90,6 +90,7 @@ _OPEN_MIN_E = CAP_N * (32768.0 * 10.0 ** (-55.0 / 20.0)) ** 2
 _GATE_HOLD_FRAMES = 20
 _GATE_TAIL_S = 0.5            # the gate watches this long after the far end (room tail + path)
 _LEAK_MIN_E = CAP_N * (32768.0 * 10.0 ** (-65.0 / 20.0)) ** 2  # quieter output is no risk
+_RESYNC_FRAMES = 3            # the far end's lead on the capture moved this many frames: resync
 _LEAK_RATIO = 2.0             # AEC3 output 3 dB above what a fitted delay line leaves: a leak
 _INSTALL_HINT = (
     "audio.aec = \"webrtc\" needs livekit's AudioProcessingModule: "
@@ -185,13 +186,18 @@ class _Timing:
 
 
 class AecDump:
-    """What the APM saw, in the order it saw it (like WebRTC's aecdump), for diagnosing echo
-    that leaks: ``far.raw`` (the reference frames as given to the APM, PCM16 at
-    ``reference_rate``), ``near.raw`` (the capture before cancelling, PCM16 16 kHz), ``out.raw``
-    (after the canceller and the residual echo gate: what goes up) and ``order.txt`` (one line per 10 ms capture frame: how many reference frames the
-    APM had been given before it, so the two streams can be lined up exactly as AEC3 lined
-    them up, whatever the clocks said). Turned on by ``HYDRAD_AEC_DUMP=<dir>`` in the engine's
-    environment; about 200 KB/s at 48 kHz. Written by the thread that runs the canceller."""
+    """What the canceller was given, in the order it was given (like WebRTC's aecdump), for
+    diagnosing echo that leaks: ``far.raw`` (the far end as played, 10 ms frames of PCM16 at
+    ``reference_rate``, before the pre-delay and the lead resync), ``near.raw`` (the capture
+    before cancelling, PCM16 16 kHz), ``out.raw`` (after the canceller and the residual echo
+    gate: what goes up), ``far_t.f64`` (each far-end frame's ``t_dac``, float64, NaN if
+    unknown) and ``order.txt`` (one line per 10 ms capture frame: how many far-end frames had
+    come before it, so the two streams line up as the canceller saw them whatever the clocks
+    said, its ``t_adc``, and what the gate did: ``a`` far end active, ``L`` leak check
+    muted, ``0`` muted, ``-`` none; a line ``reset`` where the device was reopened). A fresh
+    canceller fed the same way makes the same decisions (``bench/aec_dump.py --replay``).
+    Turned on by ``HYDRAD_AEC_DUMP=<dir>`` in the engine's environment; about 200 KB/s at
+    48 kHz. Written by the thread that runs the canceller."""
 
     def __init__(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -200,21 +206,26 @@ class AecDump:
         self._near = open(os.path.join(directory, "near.raw"), "wb")  # noqa: SIM115
         self._out = open(os.path.join(directory, "out.raw"), "wb")  # noqa: SIM115
         self._order = open(os.path.join(directory, "order.txt"), "w")  # noqa: SIM115
+        self._far_t = open(os.path.join(directory, "far_t.f64"), "wb")  # noqa: SIM115
         self.far_frames = 0
 
-    def far(self, frame: np.ndarray, rate: int) -> None:
+    def far(self, frame: np.ndarray, rate: int, t_dac: float | None) -> None:
         if self.far_frames == 0:
             self._order.write(f"# reference_rate {rate}\n")
         self._far.write(frame.tobytes())
+        self._far_t.write(np.float64(np.nan if t_dac is None else t_dac).tobytes())
         self.far_frames += 1
 
-    def near(self, raw: np.ndarray, cleaned: np.ndarray) -> None:
+    def near(self, raw: np.ndarray, cleaned: np.ndarray, t_adc: float | None, flags: str) -> None:
         self._near.write(raw.tobytes())
         self._out.write(cleaned.tobytes())
-        self._order.write(f"{self.far_frames}\n")
+        self._order.write(f"{self.far_frames} {'nan' if t_adc is None else f'{t_adc:.6f}'} {flags or '-'}\n")
+
+    def reset(self) -> None:
+        self._order.write("reset\n")
 
     def close(self) -> None:
-        for f in (self._far, self._near, self._out, self._order):
+        for f in (self._far, self._near, self._out, self._order, self._far_t):
             f.close()
 
 
@@ -305,6 +316,14 @@ class EchoCanceller:
         self._far_thr = 0.0
         self._pushed_end: float | None = None  # t_dac of the end of the newest pushed frame
         self.reference_frames = 0            # 10 ms frames given to the APM
+        self.pushed_frames = 0               # ... put into the pre-delay ring (resync padding included)
+        self._ref_pad = 0                    # resync: far-end frames of silence to put in
+        self._cap_count = 0                  # capture frames processed, resync silence included
+        self._leads: list[int] = []          # pushed - captured, per capture frame (capture side)
+        self._lead0: float | None = None     # its baseline
+        self._resync_soon = False            # a reopen: check after 10 frames
+        self.resyncs = 0
+        self.resync_frames = 0               # net capture (+) or far-end (-) frames of silence put in
         self.reference_dropped = 0           # frames lost (ring full; cannot happen by design)
         self.rate_changes = 0
         self._t_ref = _Timing()
@@ -456,14 +475,15 @@ class EchoCanceller:
         self._ring_head = self._ring_count = 0
 
     def _push(self, frame_f: np.ndarray, energy: float, t_frame: float | None) -> None:
-        cap = self._ring_cap
-        if self._ring_count >= cap:  # cannot happen (max_predelay < ring); never block
-            self._ring_head = (self._ring_head + 1) % cap
-            self._ring_count -= 1
-            self.reference_dropped += 1
-        slot = (self._ring_head + self._ring_count) % cap
-        np.copyto(self._ring[slot], frame_f, casting="unsafe")
-        self._ring_count += 1
+        pad = self._ref_pad
+        if pad:  # a resync asked by the capture side (see _track_lead): silence first
+            with self._act_lock:
+                pad, self._ref_pad = self._ref_pad, 0
+            for _ in range(pad):
+                self._ring_put(np.zeros(self.ref_n, np.float32))
+        if self.dump is not None:
+            self.dump.far(frame_f.astype(np.int16), self.ref_rate, t_frame)
+        self._ring_put(frame_f)
         if t_frame is not None:
             t_end = t_frame + FRAME_S
             if energy > self._far_thr:
@@ -480,21 +500,81 @@ class EchoCanceller:
         # up to 4 frames per new frame rather than in one burst (AEC3 buffers only so many
         # render frames between two capture frames)
         released = 0
-        while self._ring_count > self.predelay_frames and released < 4:
+        cap = self._ring_cap
+        while self._ring_count > self.predelay_frames and released < 4 + pad:
             released += 1
             np.copyto(self._ref_view, self._ring[self._ring_head])
             self._ring_head = (self._ring_head + 1) % cap
             self._ring_count -= 1
+            if self._leak is not None:
+                self._leak.reference(_to_16k(self._ref_view))
             try:
                 with self._lock:
                     self._apm.process_reverse_stream(self._ref_frame)
             except Exception as exc:  # RuntimeError from the FFI (or closed): count it
                 self._error(exc)
             self.reference_frames += 1
-            if self._leak is not None:
-                self._leak.reference(_to_16k(self._ref_view))
-            if self.dump is not None:
-                self.dump.far(self._ref_view, self.ref_rate)
+
+    def _ring_put(self, frame_f: np.ndarray) -> None:
+        cap = self._ring_cap
+        if self._ring_count >= cap:  # cannot happen (max_predelay < ring); never block
+            self._ring_head = (self._ring_head + 1) % cap
+            self._ring_count -= 1
+            self.reference_dropped += 1
+        slot = (self._ring_head + self._ring_count) % cap
+        np.copyto(self._ring[slot], frame_f, casting="unsafe")
+        self._ring_count += 1
+        self.pushed_frames += 1
+
+    def _track_lead(self) -> None:
+        """Keep the far end as many frames ahead of the capture as it was at the start.
+
+        AEC3 pairs the two streams by sample count. When the capture loses samples the far
+        end does not (a duplex stream's input backlog dropped by a reopen after a stall, an
+        input overrun), every echo lands that much earlier in the capture than before; after
+        a few such events it arrives *before* its reference and AEC3 cannot cancel it at all
+        (recorded: 20 ms ahead at the start, 170 ms after seven 60 ms stalls). The lead
+        (reference frames pushed minus capture frames processed) is constant while nothing
+        is lost: its median over the first 50 capture frames is the baseline, and when the
+        median over 50 frames (10 after a device reopen) is off by ``_RESYNC_FRAMES`` (1 after
+        a reopen) or more, the missing frames are put back at once as silence: capture frames
+        the APM processes and the leak check counts (what goes up is not touched), or far-end
+        frames when the far end is the one that lost them. Both streams then show the gap
+        that really happened, and the echo's lag is what it was."""
+        if self._ref_pad:
+            return  # the last resync is still being applied
+        self._leads.append(self.pushed_frames - self._cap_count)
+        n = len(self._leads)
+        if self._lead0 is None:
+            if n >= 50:
+                self._lead0 = float(np.median(self._leads))
+                self._leads.clear()
+            return
+        if n < (10 if self._resync_soon else 50):
+            return
+        d = int(round(float(np.median(self._leads)) - self._lead0))
+        threshold = 1 if self._resync_soon else _RESYNC_FRAMES
+        self._leads.clear()
+        self._resync_soon = False
+        if abs(d) < threshold:
+            return
+        self.resyncs += 1
+        self.resync_frames += d
+        if d < 0:
+            with self._act_lock:
+                self._ref_pad = -d
+            return
+        view = self._cap_view
+        view[:] = 0
+        for _ in range(d):
+            try:
+                with self._lock:
+                    self._apm.process_stream(self._cap_frame)
+            except Exception as exc:
+                self._error(exc)
+        self._cap_count += d
+        if self._leak is not None:
+            self._leak.skip_capture(d * CAP_N)
 
     # ---- near end -----------------------------------------------------------------------
     def process_capture(self, frame: Any, t_adc: float | None) -> Any:
@@ -538,6 +618,7 @@ class EchoCanceller:
         f = self._cap_f
         for s in range(0, n, CAP_N):
             seg = x[s : s + CAP_N]
+            self._track_lead()  # may process silence through the APM: before this frame's turn
             view[:] = seg
             try:
                 with self._lock:
@@ -546,6 +627,7 @@ class EchoCanceller:
                 self._error(exc)
                 view[:] = seg
             self.frames += 1
+            self._cap_count += 1
             if self._leak is not None:
                 self._leak.capture(seg)
             active = gate_active = False
@@ -553,6 +635,7 @@ class EchoCanceller:
                 t0 = t_adc + s / CAPTURE_RATE
                 active, gate_active = self._far_active(t0, t0 + FRAME_S)
             gain = 1.0
+            leak = False
             if gate_active:
                 np.copyto(f, seg, casting="unsafe")
                 e_in = float(np.dot(f, f))
@@ -569,6 +652,7 @@ class EchoCanceller:
                     if (self._leak is not None and e_out > _LEAK_MIN_E and e_out * self._gate_ratio > e_in
                             and e_out > _LEAK_RATIO * self._leak.near_bound()):
                         gain = 0.0                  # AEC3 lost the echo path: the agent's own voice
+                        leak = True
                         self._gate_hold = 0
                         self.gated_frames += 1
                         self.leak_frames += 1
@@ -589,7 +673,8 @@ class EchoCanceller:
                 out[s : s + CAP_N] = f
             self._gate_gain = gain
             if self.dump is not None:
-                self.dump.near(seg, out[s : s + CAP_N])
+                flags = ("a" if gate_active else "") + ("L" if leak else "") + ("0" if gain == 0.0 else "")
+                self.dump.near(seg, out[s : s + CAP_N], None if t_adc is None else t_adc + s / CAPTURE_RATE, flags)
         self._t_cap.add(time.perf_counter_ns() - t_start, n // CAP_N)
         return out.tobytes() if as_bytes else out
 
@@ -655,8 +740,12 @@ class EchoCanceller:
         self._ring_count = 0
         self._pushed_end = None
         self.path_delay = None
-        with self._act_lock:
-            self._act.clear()
+        self._leads.clear()
+        self._resync_soon = True
+        if self.dump is not None:
+            self.dump.reset()
+        # the far-end activity stays: the gate keeps watching across the reopen (AEC3's
+        # output right after it can carry the old stream's echo)
 
     def stats(self) -> dict[str, Any]:
         """For the engine's STATS. Counters are cumulative; ``*_us_mean``/``*_us_max`` (time
@@ -682,6 +771,8 @@ class EchoCanceller:
             "frames": self.frames,
             "reference_frames": self.reference_frames,
             "reference_dropped": self.reference_dropped,
+            "resyncs": self.resyncs,
+            "resync_frames": self.resync_frames,
             "path_delay_ms": None if d is None else round(d * 1000.0, 1),
             "predelay_ms": self.predelay_frames * 10,
             "delay_ms": self.delay_ms,
@@ -693,6 +784,7 @@ class EchoCanceller:
             "gate_db": self.gate_db,
             "gated_frames": self.gated_frames,
             "leak_check": self._leak is not None,
+            "leak_tests": self._leak.tests if self._leak is not None else 0,
             "leak_frames": self.leak_frames,
             "errors": self.errors,
             "last_error": self.last_error,

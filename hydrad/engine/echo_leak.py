@@ -11,7 +11,8 @@ alignment can.
 :class:`EchoLeakDetector` keeps the far end as AEC3 was given it (at 16 kHz, in stream
 samples) and the last ``window_ms`` of the microphone, and fits up to ``taps`` delayed,
 scaled copies of the far end to that window, at whatever lag in ``[min_lag_ms, max_lag_ms]``
-fits best (greedy matching pursuit on FFT cross-correlations). What the copies leave,
+fits best (the lag by an FFT cross-correlation at 8 kHz, then greedy matching pursuit at
+16 kHz within 4 ms of it). What the copies leave,
 :meth:`EchoLeakDetector.near_bound`, is at most the near end (the user, the room) plus what
 one delay line cannot model (reverberation). AEC3's output is normally far below it; when
 AEC3's output is well *above* it, AEC3 is passing echo that a delay line would have removed,
@@ -36,6 +37,7 @@ import threading
 import numpy as np
 
 RATE = 16000
+REFINE = 64  # samples (4 ms) either side of the coarse lag where the copies are fitted
 
 
 class EchoLeakDetector:
@@ -65,10 +67,11 @@ class EchoLeakDetector:
         self._span = self.window + self.max_lag - self.min_lag   # far-end samples one test reads
         self._nfft = 1 << (self._span - 1).bit_length()
         self._cap = 1 << (self._span + 2 * RATE - 1).bit_length()   # + 2 s of far end ahead
-        self._far = np.zeros(self._cap, np.float32)
+        self._far = np.zeros(self._cap, np.float64)
         self._far_pos = 0                    # far-end samples written (stream position)
         self._near = np.zeros(self.window, np.float32)
         self._near_pos = 0                   # capture samples written
+        self._skip = 0                       # capture samples to count as silence (see skip_capture)
         self._lock = threading.Lock()
         self.tests = 0                       # echo_share() calls that computed something
 
@@ -87,10 +90,23 @@ class EchoLeakDetector:
             self._far[: n - k] = x[k:]
             self._far_pos += n
 
+    def skip_capture(self, n: int) -> None:
+        """The capture lost ``n`` samples the far end did not (a reopen dropped the input's
+        backlog): count them as silence before the next capture frame, so the far end stays
+        continuous and in step. Either side's thread."""
+        with self._lock:
+            self._skip += n
+
     def capture(self, frame: np.ndarray) -> None:
         """The next capture samples at 16 kHz, as the microphone gave them (before the
         canceller; the newest ``window_ms`` are kept)."""
-        y = np.asarray(frame, np.float32)
+        if self._skip:
+            with self._lock:
+                k, self._skip = self._skip, 0
+            self._push_near(np.zeros(k, np.float32))
+        self._push_near(np.asarray(frame, np.float32))
+
+    def _push_near(self, y: np.ndarray) -> None:
         n = len(y)
         w = self.window
         if n >= w:
@@ -104,42 +120,61 @@ class EchoLeakDetector:
         """Far-end samples at positions [p - window - max_lag, p - min_lag) for the newest
         capture position p (zeros where nothing was written or it was overwritten)."""
         a = self._near_pos - self.window - self.max_lag
-        out = np.zeros(self._span, np.float32)
+        out = np.zeros(self._span, np.float64)
+        cap = self._cap
         with self._lock:
-            lo = max(a, self._far_pos - self._cap, 0)
+            lo = max(a, self._far_pos - cap, 0)
             hi = min(a + self._span, self._far_pos)
-            if hi > lo:
-                out[lo - a : hi - a] = self._far[np.arange(lo, hi) % self._cap]
+            while lo < hi:  # at most two pieces: the ring wraps once
+                i = lo % cap
+                k = min(hi - lo, cap - i)
+                out[lo - a : lo - a + k] = self._far[i : i + k]
+                lo += k
         return out
 
     def fit(self, enough: float = 1.0) -> tuple[float, np.ndarray]:
         """Fit up to ``taps`` delayed, scaled copies of the far end to the newest ``window_ms``
         of capture: (the fraction of its energy they explain, what they leave: float64, one
-        value per capture sample of the window). Stops early once ``enough`` is explained or
-        when the best single copy explains under a tenth (no echo worth fitting)."""
+        value per capture sample of the window).
+
+        Two stages, for CPU: the lag of the best single copy over the whole range at 8 kHz
+        (one FFT cross-correlation of half the size), then the copies themselves at 16 kHz
+        within ``REFINE`` samples (4 ms) of it (direct dot products). Stops early once ``enough`` is
+        explained, or when the best copy explains under a tenth (no echo worth fitting)."""
         y = self._near.astype(np.float64)
         ey = float(np.dot(y, y))
         if ey <= 0.0 or self._near_pos < self.window:
             return 0.0, y
-        x = self._far_segment().astype(np.float64)
-        cs = np.concatenate(([0.0], np.cumsum(x * x)))
+        x = self._far_segment()
         w = self.window
-        ex = cs[w:] - cs[:-w]                       # energy of each candidate copy
-        ex_ok = ex > 1e-6 * ey
-        if not ex_ok.any():
+        m = len(x) // 2 * 2
+        x8 = (x[0:m:2] + x[1:m:2]) * 0.5
+        y8 = (y[0 : w - 1 : 2] + y[1:w:2]) * 0.5
+        w8 = len(y8)
+        cs8 = np.concatenate(([0.0], np.cumsum(x8 * x8)))
+        ex8 = cs8[w8:] - cs8[:-w8]                  # energy of each candidate copy
+        ok8 = ex8 > 1e-6 * ey
+        if not ok8.any():
             return 0.0, y
         self.tests += 1
-        nfft = self._nfft
-        fx = np.fft.rfft(x, nfft)
+        n8 = self._nfft // 2
+        c8 = np.fft.irfft(np.fft.rfft(x8, n8) * np.conj(np.fft.rfft(y8, n8)), n8)[: len(ex8)]
+        i0 = 2 * int(np.argmax(np.where(ok8, c8 * c8 / np.where(ok8, ex8, 1.0), 0.0)))
+        lo = max(0, i0 - REFINE)
+        hi = min(len(x) - w, i0 + REFINE)
+        seg = x[lo : hi + w]                         # candidates: seg[i : i + w], i = 0..hi - lo
+        cs = np.concatenate(([0.0], np.cumsum(seg * seg)))
+        ex = cs[w:] - cs[:-w]
+        ok = ex > 1e-6 * ey
         r = y.copy()
         share = 0.0
         for k in range(self.taps):
-            c = np.fft.irfft(fx * np.conj(np.fft.rfft(r, nfft)), nfft)[: len(ex)]
-            score = np.where(ex_ok, c * c / np.where(ex_ok, ex, 1.0), 0.0)
+            c = np.correlate(seg, r, "valid")
+            score = np.where(ok, c * c / np.where(ok, ex, 1.0), 0.0)
             i = int(np.argmax(score))
             if score[i] <= 0.0:
                 break
-            r -= (c[i] / ex[i]) * x[i : i + w]
+            r -= (c[i] / ex[i]) * seg[i : i + w]
             share = 1.0 - float(np.dot(r, r)) / ey
             if share >= enough or (k == 0 and share < 0.1):
                 break

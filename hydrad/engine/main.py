@@ -175,6 +175,7 @@ class Engine:
         try:
             canceller = make_canceller(self.aec_mode,
                                        gate_db=float(options.get("aec_gate_db", 15.0)),
+                                       leak_check=bool(options.get("aec_leak_check", True)),
                                        noise_suppression=bool(options.get("aec_noise_suppression", False)),
                                        high_pass_filter=bool(options.get("aec_high_pass_filter", False)))
         except (AecUnavailable, ValueError, TypeError) as exc:

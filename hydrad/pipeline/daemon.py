@@ -47,7 +47,8 @@ def engine_spec(cfg: Config) -> EngineSpec:
         options = {"input_device": sd.input_device, "output_device": sd.output_device, "input_rate": sd.input_rate,
                    "output_rate": sd.output_rate, "input_channels": sd.input_channels, "latency": sd.latency,
                    "aec": "webrtc" if a.aec == "auto" else a.aec, "aec_gate_db": a.aec_gate_db,
-                   "aec_noise_suppression": a.aec_noise_suppression, "aec_high_pass_filter": a.aec_high_pass_filter}
+                   "aec_noise_suppression": a.aec_noise_suppression, "aec_high_pass_filter": a.aec_high_pass_filter,
+                   "aec_leak_check": a.aec_leak_check}
     else:
         options = {}
     options.update({"output_volume": a.output_volume, "mic_gain": a.mic_gain})

@@ -26,7 +26,7 @@ Options (``audio.sounddevice`` in the config; all optional):
     no callback for this long (after the first one) = the device is lost.
 ``start_grace_s`` (2.0)
     time allowed for the first callback after start.
-``output_volume``, ``mic_gain``, ``aec``, ``aec_gate_db``, ``aec_noise_suppression``, ``aec_high_pass_filter``
+``output_volume``, ``mic_gain``, ``aec``, ``aec_gate_db``, ``aec_leak_check``, ``aec_noise_suppression``, ``aec_high_pass_filter``
     applied by the engine (``output_volume``/``mic_gain``; the ``aec*`` keys configure its
     echo canceller, docs/aec.md); accepted here.
 
@@ -67,7 +67,7 @@ from .base import LOST, Backend, DeviceError, Host
 _RATES = (48000, 44100, 32000, 24000, 22050, 16000)
 _KNOWN = {"input_device", "output_device", "input_rate", "output_rate", "input_channels", "output_channels",
           "latency", "stall_s", "start_grace_s", "output_volume", "mic_gain", "aec", "aec_gate_db",
-          "aec_noise_suppression", "aec_high_pass_filter"}
+          "aec_leak_check", "aec_noise_suppression", "aec_high_pass_filter"}
 
 
 def _opt_int(options: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
