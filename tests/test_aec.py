@@ -556,6 +556,27 @@ def test_leak_check_mutes_the_echo_aec3_passes_after_the_path_steps():
     assert EchoCanceller(gate_db=0).stats()["leak_check"] is False  # the check is part of the gate
 
 
+def test_reopens_that_lose_capture_are_resynced():
+    """Two device reopens that each drop 60 ms of capture the far end did not lose (a duplex
+    stream's backlog after a stall): the echo then arrives 120 ms earlier in the capture than
+    its reference, before it, and AEC3 (alone: no gate) cannot cancel it. Putting the lost
+    frames back as silence keeps the lag; no turn opens before the user's."""
+    s = scene(delay_s=0.04, far_kind="speech", near_at=12.0)
+    reopens = ((3.0, 0.06), (5.0, 0.06))
+    plain = drive(EchoCanceller(gate_db=0, resync=False), s, reopens=reopens)
+    assert [t for t in turn_starts(plain) if t < s.near_at], "no self-interruption: the test cannot fail"
+    c = EchoCanceller(gate_db=0)
+    out = drive(c, s, reopens=reopens)
+    starts = turn_starts(out)
+    assert starts and not any(t < s.near_at - 0.05 for t in starts), starts
+    assert false_vad(s, out)[0] <= 2 < 20 < false_vad(s, plain)[0]   # measured 1 vs 43
+    st = c.stats()
+    assert (st["resyncs"], st["resync_frames"]) == (2, 12), st   # 6 frames of silence, twice
+    steady = EchoCanceller(gate_db=0)
+    drive(steady, s)
+    assert steady.resyncs == 0                                   # nothing lost: nothing put back
+
+
 @pytest.mark.parametrize("delay", [0.04, 0.25])
 def test_residual_echo_gate_keeps_double_talk(delay):
     """The gate mutes only frames the canceller took >= 15 dB out of (or that fail the leak

@@ -147,13 +147,16 @@ def build_scene(delay_s: float = 0.04, dev_rate: int = 48000, seconds: float = 1
 
 def drive(canceller, scene: Scene, *, cap_ms: int = 20, block_ms: float = 10.0,
           out_share: float = 0.6, ref_dtype: str = "float32", timestamps: bool = True,
-          as_bytes: bool = False) -> np.ndarray:
+          as_bytes: bool = False, reopens: tuple[tuple[float, float], ...] = ()) -> np.ndarray:
     """Play ``scene`` through ``canceller`` (None: pass the mic through); return the 16 kHz output.
 
     Lockstep, as a duplex callback would: each output block of ``block_ms`` first feeds the
     reference, then every complete capture frame is processed. ``out_share`` of the delay is
     output latency (t_dac ahead of the feed), the rest input latency (t_adc behind).
     ``timestamps=False`` passes None for both; ``as_bytes`` hands capture frames as bytes.
+    ``reopens``: (at_s, lost_s): the device reopens at ``at_s`` (``reset_reference()``) and
+    the capture loses ``lost_s`` of input the far end does not (a duplex stream's backlog
+    dropped); the output there stays 0.
     """
     l_out = scene.delay_s * out_share
     l_in = scene.delay_s - l_out
@@ -163,6 +166,7 @@ def drive(canceller, scene: Scene, *, cap_ms: int = 20, block_ms: float = 10.0,
     far = scene.far.astype(np.float32) / 32768.0 if ref_dtype == "float32" else scene.far.astype(np.int16)
     n_blocks = int(scene.seconds * 1000 / block_ms)
     j = 0  # next capture sample
+    pending = sorted(reopens)
     for k in range(n_blocks):
         a = int(round(k * block_ms * rate / 1000))
         b = int(round((k + 1) * block_ms * rate / 1000))
@@ -170,6 +174,10 @@ def drive(canceller, scene: Scene, *, cap_ms: int = 20, block_ms: float = 10.0,
             canceller.feed_reference(far[a:b], rate, T0 + a / rate + l_out if timestamps else None)
         t_cap_end = T0 + (k + 1) * block_ms / 1000  # capture available up to here
         while (j + cap_n) / RATE <= t_cap_end - T0 + 1e-9 and j + cap_n <= len(scene.mic):
+            if pending and j / RATE >= pending[0][0]:
+                canceller.reset_reference()
+                j += int(round(pending.pop(0)[1] * RATE))
+                continue
             frame = scene.mic[j : j + cap_n]
             if canceller is None:
                 out[j : j + cap_n] = frame

@@ -311,7 +311,7 @@ def test_engine_counter_reset_without_a_pid_is_detected() -> None:
 
 def test_echo_canceller_figures_are_exported_and_in_each_turn_line() -> None:
     stats: dict = {"pid": 7, "aec": {"erle_db": 55.5, "residual_echo_dbfs": -94.0, "path_delay_ms": 48.0,
-                                      "gated_frames": 120, "leak_frames": 9}}
+                                      "gated_frames": 120, "leak_frames": 9, "resyncs": 2}}
     buf = io.StringIO()
     configure_logging(LogConfig(), buf)
     m = Metrics(engine_stats=lambda: stats, clock=FakeClock(1000.0))
@@ -320,6 +320,7 @@ def test_echo_canceller_figures_are_exported_and_in_each_turn_line() -> None:
     assert value(sm, "hydrad_echo_path_delay_seconds") == pytest.approx(0.048)
     assert value(sm, "hydrad_echo_gated_frames_total") == 120
     assert value(sm, "hydrad_echo_leak_frames_total") == 9
+    assert value(sm, "hydrad_echo_resyncs_total") == 2
     run_script(m)
     turns = [json.loads(line) for line in buf.getvalue().splitlines() if json.loads(line)["event"] == "turn.completed"]
     assert turns and all(t["echo_erle_db"] == 55.5 and t["echo_gated_frames"] == 120

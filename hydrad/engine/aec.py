@@ -247,6 +247,8 @@ class EchoCanceller:
     * ``window_s`` (5.0): the residual-echo/ERLE medians cover this much far-end-active
       capture; ``erle_floor_dbfs`` (-60): quieter input frames are left out of the ERLE;
     * ``gate_db`` (15; 0 turns it off): the **residual echo gate**, see :meth:`process_capture`;
+    * ``resync`` (True): keep the far end's lead on the capture as it was at the start when
+      either stream loses frames (see ``_track_lead``);
     * ``leak_check`` (True; needs the gate): the gate also mutes frames AEC3 passed at least
       3 dB louder than a delay line fitted to the far end leaves
       (:class:`~hydrad.engine.echo_leak.EchoLeakDetector`).
@@ -270,6 +272,7 @@ class EchoCanceller:
         erle_floor_dbfs: float = -60.0,
         gate_db: float = 15.0,
         leak_check: bool = True,
+        resync: bool = True,
     ) -> None:
         rtc = load_rtc()
         if not 0.0 <= gate_db <= 60.0:
@@ -322,6 +325,7 @@ class EchoCanceller:
         self._leads: list[int] = []          # pushed - captured, per capture frame (capture side)
         self._lead0: float | None = None     # its baseline
         self._resync_soon = False            # a reopen: check after 10 frames
+        self.resync = bool(resync)
         self.resyncs = 0
         self.resync_frames = 0               # net capture (+) or far-end (-) frames of silence put in
         self.reference_dropped = 0           # frames lost (ring full; cannot happen by design)
@@ -541,7 +545,7 @@ class EchoCanceller:
         the APM processes and the leak check counts (what goes up is not touched), or far-end
         frames when the far end is the one that lost them. Both streams then show the gap
         that really happened, and the echo's lag is what it was."""
-        if self._ref_pad:
+        if self._ref_pad or not self.resync:
             return  # the last resync is still being applied
         self._leads.append(self.pushed_frames - self._cap_count)
         n = len(self._leads)

@@ -73,7 +73,8 @@ class EchoLeakDetector:
         self._near_pos = 0                   # capture samples written
         self._skip = 0                       # capture samples to count as silence (see skip_capture)
         self._lock = threading.Lock()
-        self.tests = 0                       # echo_share() calls that computed something
+        self.tests = 0                       # fit() calls that computed something
+        self.lag: int | None = None          # samples: the strongest copy's lag at the last fit
 
     def reference(self, frame: np.ndarray) -> None:
         """The next far-end samples at 16 kHz (PCM16 scale or any: only shapes are compared)."""
@@ -175,6 +176,8 @@ class EchoLeakDetector:
             if score[i] <= 0.0:
                 break
             r -= (c[i] / ex[i]) * seg[i : i + w]
+            if k == 0:  # seg[i] sits at far position p - window - max_lag + lo + i
+                self.lag = self.max_lag - (lo + i)
             share = 1.0 - float(np.dot(r, r)) / ey
             if share >= enough or (k == 0 and share < 0.1):
                 break

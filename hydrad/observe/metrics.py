@@ -681,6 +681,10 @@ class _PullCollector(Collector):
                                      "Of those, frames muted because the canceller had lost the echo path (leak check).")
         leaked.add_metric([], mono("aec.leak_frames", aec.get("leak_frames")) or 0.0)
         yield leaked
+        resyncs = CounterMetricFamily(f"{NS}_echo_resyncs",
+                                      "Times the canceller put its two streams back in step (a stream lost frames).")
+        resyncs.add_metric([], mono("aec.resyncs", aec.get("resyncs")) or 0.0)
+        yield resyncs
 
     def _engine(self, stats: Mapping[str, Any], counters: Mapping[str, Any]) -> Iterator[Metric]:
         mono = self.m._engine_mono

@@ -534,6 +534,7 @@ class Daemon(EngineHandlers):
             "gate_db": a.get("gate_db"),                       # residual echo gate threshold
             "gated_frames": a.get("gated_frames"),             # 10 ms frames it muted, cumulative
             "leak_frames": a.get("leak_frames"),               # ... of which AEC3 had lost the path
+            "resyncs": a.get("resyncs"),                       # streams put back in step (frames lost)
             "capture_us_mean": a.get("capture_us_mean"),
             "worker_latency_us_max": a.get("worker_latency_us_max"),
             "errors": a.get("errors"),
