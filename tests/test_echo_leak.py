@@ -44,7 +44,7 @@ def test_a_delayed_copy_is_fitted_at_any_lag_in_range(lag_ms):
     e = float(np.dot(w, w)) * N / det.window    # mean energy per 10 ms frame
     assert share > 0.999, share
     assert det.near_bound() < 1e-4 * e          # the copy leaves next to nothing (-40 dB)
-    assert len(rest) == det.window
+    assert len(rest) == det.fit_len
 
 
 def test_out_of_range_lags_are_not_fitted():
@@ -84,7 +84,7 @@ def test_nothing_to_fit_leaves_the_input():
     for _ in feed(det, np.zeros(16000), noise):     # silent far end
         pass
     share, rest = det.fit()
-    assert share == 0.0 and np.array_equal(rest, noise[-det.window :].astype(np.float32).astype(np.float64))
+    assert share == 0.0 and np.array_equal(rest, noise[-det.fit_len :].astype(np.float32).astype(np.float64))
 
 
 def test_two_threads_feed_it():

@@ -37,7 +37,7 @@ import threading
 import numpy as np
 
 RATE = 16000
-REFINE = 64  # samples (4 ms) either side of the coarse lag where the copies are fitted
+REFINE = 192  # samples (12 ms) either side of the coarse lag where the copies are fitted
 
 
 class EchoLeakDetector:
@@ -64,6 +64,7 @@ class EchoLeakDetector:
         self.min_lag = int(min_lag_ms * RATE / 1000)
         self.max_lag = int(max_lag_ms * RATE / 1000)
         self.taps = int(taps)
+        self.fit_len = self.window // 2         # the newest part the copies are fitted to
         self._span = self.window + self.max_lag - self.min_lag   # far-end samples one test reads
         self._nfft = 1 << (self._span - 1).bit_length()
         self._cap = 1 << (self._span + 2 * RATE - 1).bit_length()   # + 2 s of far end ahead
@@ -134,40 +135,45 @@ class EchoLeakDetector:
         return out
 
     def fit(self, enough: float = 1.0) -> tuple[float, np.ndarray]:
-        """Fit up to ``taps`` delayed, scaled copies of the far end to the newest ``window_ms``
-        of capture: (the fraction of its energy they explain, what they leave: float64, one
-        value per capture sample of the window).
+        """Fit up to ``taps`` delayed, scaled copies of the far end to the newest half of the
+        ``window_ms`` of capture: (the fraction of its energy they explain, what they leave:
+        float64, one value per capture sample of that half).
 
-        Two stages, for CPU: the lag of the best single copy over the whole range at 8 kHz
-        (one FFT cross-correlation of half the size), then the copies themselves at 16 kHz
-        within ``REFINE`` samples (4 ms) of it (direct dot products). Stops early once ``enough`` is
-        explained, or when the best copy explains under a tenth (no echo worth fitting)."""
-        y = self._near.astype(np.float64)
-        ey = float(np.dot(y, y))
-        if ey <= 0.0 or self._near_pos < self.window:
-            return 0.0, y
-        x = self._far_segment()
+        Two stages: the lag of the best single copy over the whole lag range and the whole
+        window, at 8 kHz (one FFT cross-correlation: a long window keeps look-alikes out),
+        then the copies themselves at 16 kHz within ``REFINE`` samples (12 ms) of that lag,
+        on the newest half only (direct dot products: a path that stepped by a few ms inside
+        the window is fitted at its new lag 40 ms after the step, not 80). Stops early once
+        ``enough`` is explained, or when the best copy explains under a tenth (no echo worth
+        fitting)."""
         w = self.window
+        fw = self.fit_len
+        y = self._near.astype(np.float64)
+        yf = y[w - fw :]
+        ey = float(np.dot(yf, yf))
+        if ey <= 0.0 or self._near_pos < self.window:
+            return 0.0, yf
+        x = self._far_segment()
         m = len(x) // 2 * 2
         x8 = (x[0:m:2] + x[1:m:2]) * 0.5
         y8 = (y[0 : w - 1 : 2] + y[1:w:2]) * 0.5
         w8 = len(y8)
         cs8 = np.concatenate(([0.0], np.cumsum(x8 * x8)))
         ex8 = cs8[w8:] - cs8[:-w8]                  # energy of each candidate copy
-        ok8 = ex8 > 1e-6 * ey
+        ok8 = ex8 > 1e-6 * float(np.dot(y8, y8))
         if not ok8.any():
-            return 0.0, y
+            return 0.0, yf
         self.tests += 1
         n8 = self._nfft // 2
         c8 = np.fft.irfft(np.fft.rfft(x8, n8) * np.conj(np.fft.rfft(y8, n8)), n8)[: len(ex8)]
         i0 = 2 * int(np.argmax(np.where(ok8, c8 * c8 / np.where(ok8, ex8, 1.0), 0.0)))
         lo = max(0, i0 - REFINE)
         hi = min(len(x) - w, i0 + REFINE)
-        seg = x[lo : hi + w]                         # candidates: seg[i : i + w], i = 0..hi - lo
+        seg = x[lo + w - fw : hi + w]                # candidates: seg[i : i + fw], i = 0..hi - lo
         cs = np.concatenate(([0.0], np.cumsum(seg * seg)))
-        ex = cs[w:] - cs[:-w]
+        ex = cs[fw:] - cs[:-fw]
         ok = ex > 1e-6 * ey
-        r = y.copy()
+        r = yf.copy()
         share = 0.0
         for k in range(self.taps):
             c = np.correlate(seg, r, "valid")
@@ -175,8 +181,8 @@ class EchoLeakDetector:
             i = int(np.argmax(score))
             if score[i] <= 0.0:
                 break
-            r -= (c[i] / ex[i]) * seg[i : i + w]
-            if k == 0:  # seg[i] sits at far position p - window - max_lag + lo + i
+            r -= (c[i] / ex[i]) * seg[i : i + fw]
+            if k == 0:  # seg[i] is the copy at lag max_lag - (lo + i)
                 self.lag = self.max_lag - (lo + i)
             share = 1.0 - float(np.dot(r, r)) / ey
             if share >= enough or (k == 0 and share < 0.1):
