@@ -10,9 +10,10 @@ alignment can.
 
 :class:`EchoLeakDetector` keeps the far end as AEC3 was given it (at 16 kHz, in stream
 samples) and the last ``window_ms`` of the microphone, and fits up to ``taps`` delayed,
-scaled copies of the far end to that window, at whatever lag in ``[min_lag_ms, max_lag_ms]``
-fits best (the lag by an FFT cross-correlation at 8 kHz, then greedy matching pursuit at
-16 kHz within 4 ms of it). What the copies leave,
+scaled copies of the far end to it, at whatever lag in ``[min_lag_ms, max_lag_ms]`` fits
+best (the lag by an FFT cross-correlation at 8 kHz over the whole window, then greedy
+matching pursuit at 16 kHz within 12 ms of it on the window's newest half). What the copies
+leave,
 :meth:`EchoLeakDetector.near_bound`, is at most the near end (the user, the room) plus what
 one delay line cannot model (reverberation). AEC3's output is normally far below it; when
 AEC3's output is well *above* it, AEC3 is passing echo that a delay line would have removed,
