@@ -188,6 +188,17 @@ def _all_played(rig: AudioRig) -> bool:
     return ids == {p["response_id"] for p in rig.played if p.get("done")}
 
 
+async def played_out(rig: AudioRig, response_id: str, what: str, done_s: float = 20, played_s: float = 10) -> bool:
+    """Wait for the response to end and the engine to finish playing; True if it completed
+    (was not cancelled)."""
+    def done() -> list:
+        return [e for e in rig.events("response_done") if e.fields.get("response_id") == response_id]
+
+    await rig.wait_for(done, timeout=done_s, what=f"{what}: done")
+    await rig.wait_for(lambda: _all_played(rig), timeout=played_s, what=f"{what}: played")
+    return done()[0].fields.get("status") == "completed"
+
+
 async def test_without_aec_the_agent_interrupts_itself_through_the_echo(vaudio_factory, prompt):  # noqa: F811
     va = vaudio_factory(rate=RATE)
     feeds = Feeds()
@@ -235,12 +246,7 @@ async def test_with_aec_no_self_interruption_and_barge_in_still_detected(vaudio_
                 await rig.wait_for(lambda n=n_audio: len(rig.events("response_audio_started")) > n + 1,
                                    timeout=20, what=f"trial {j}: answer audio")
                 answer_id = rig.events("response_audio_started")[n_audio + 1].fields.get("response_id")
-                await rig.wait_for(lambda a=answer_id: [e for e in rig.events("response_done")
-                                                        if e.fields.get("response_id") == a],
-                                   timeout=20, what=f"trial {j}: answer done")
-                await rig.wait_for(lambda: _all_played(rig), timeout=10, what=f"trial {j}: answer played")
-                full += [e for e in rig.events("response_done")
-                         if e.fields.get("response_id") == answer_id][0].fields.get("status") == "completed"
+                full += await played_out(rig, answer_id, f"trial {j}: answer")
                 await trio.sleep(0.5)  # the echo's tail and the VAD's end-of-turn silence
             elapsed = time.monotonic() - t_start
             await trio.sleep(1.1)

@@ -28,7 +28,7 @@ import trio
 from .audio.fixtures import vaudio_factory  # noqa: F401  (fixtures)
 from .audio.rig import audio_daemon
 from .test_audio_echo import (  # noqa: F401
-    RATE, Feeds, _all_played, _sim, _trace, echo_path, prompt, self_interruptions, split_by_reopens)
+    RATE, Feeds, _sim, _trace, echo_path, played_out, prompt, self_interruptions, split_by_reopens)
 
 pytestmark = [pytest.mark.audio, pytest.mark.slow]
 
@@ -59,12 +59,7 @@ async def replies_with_stalls(va, prompt_wav, leak_check: bool):
                     time.sleep(STALL_MS / 1000)  # blocking on purpose: a stall of exactly this long
                 finally:
                     os.kill(pid, signal.SIGCONT)
-                await rig.wait_for(lambda r=reply: [e for e in rig.events("response_done")
-                                                    if e.fields.get("response_id") == r],
-                                   timeout=15, what=f"reply {j}: done")
-                await rig.wait_for(lambda: _all_played(rig), timeout=15, what=f"reply {j}: played")
-                full += [e for e in rig.events("response_done")
-                         if e.fields.get("response_id") == reply][0].fields.get("status") == "completed"
+                full += await played_out(rig, reply, f"reply {j}", done_s=15, played_s=15)
                 await trio.sleep(0.6)  # the echo's tail and the VAD's end-of-turn silence
                 if not leak_check and self_interruptions(rig, feeds):
                     break              # the control has shown what it must
