@@ -154,9 +154,10 @@ def drive(canceller, scene: Scene, *, cap_ms: int = 20, block_ms: float = 10.0,
     reference, then every complete capture frame is processed. ``out_share`` of the delay is
     output latency (t_dac ahead of the feed), the rest input latency (t_adc behind).
     ``timestamps=False`` passes None for both; ``as_bytes`` hands capture frames as bytes.
-    ``reopens``: (at_s, lost_s): the device reopens at ``at_s`` (``reset_reference()``) and
-    the capture loses ``lost_s`` of input the far end does not (a duplex stream's backlog
-    dropped); the output there stays 0.
+    ``reopens``: (at_s, lost_s[, silent_s]): the device reopens at ``at_s``
+    (``reset_reference()``) and the capture loses ``lost_s`` of input the far end does not (a
+    duplex stream's backlog dropped; the output there stays 0), then starts with ``silent_s``
+    of digital silence (PulseAudio's first input blocks after a reopen).
     """
     l_out = scene.delay_s * out_share
     l_in = scene.delay_s - l_out
@@ -167,6 +168,7 @@ def drive(canceller, scene: Scene, *, cap_ms: int = 20, block_ms: float = 10.0,
     n_blocks = int(scene.seconds * 1000 / block_ms)
     j = 0  # next capture sample
     pending = sorted(reopens)
+    silent_until = -1
     for k in range(n_blocks):
         a = int(round(k * block_ms * rate / 1000))
         b = int(round((k + 1) * block_ms * rate / 1000))
@@ -176,9 +178,13 @@ def drive(canceller, scene: Scene, *, cap_ms: int = 20, block_ms: float = 10.0,
         while (j + cap_n) / RATE <= t_cap_end - T0 + 1e-9 and j + cap_n <= len(scene.mic):
             if pending and j / RATE >= pending[0][0]:
                 canceller.reset_reference()
-                j += int(round(pending.pop(0)[1] * RATE))
+                _, lost_s, *silent = pending.pop(0)
+                j += int(round(lost_s * RATE))
+                silent_until = j + int(round((silent[0] if silent else 0.0) * RATE))
                 continue
             frame = scene.mic[j : j + cap_n]
+            if j < silent_until:
+                frame = np.zeros(cap_n, np.int16)
             if canceller is None:
                 out[j : j + cap_n] = frame
             else:

@@ -91,7 +91,8 @@ _GATE_HOLD_FRAMES = 20
 _GATE_TAIL_S = 0.5            # the gate watches this long after the far end (room tail + path)
 _LEAK_MIN_E = CAP_N * (32768.0 * 10.0 ** (-65.0 / 20.0)) ** 2  # quieter output is no risk
 _RESYNC_FRAMES = 3            # the far end's lead on the capture moved this many frames: resync
-_LEAK_RATIO = 2.0             # AEC3 output 3 dB above what a fitted delay line leaves: a leak
+_LEAK_RATIO = 2.0             # AEC3 output 3 dB above its input, or above what a fitted
+                              # delay line leaves of it: a leak
 _INSTALL_HINT = (
     "audio.aec = \"webrtc\" needs livekit's AudioProcessingModule: "
     "pip install 'livekit>=1.2,<2' (the 'aec' extra: pip install 'hydrad[aec]'). "
@@ -367,6 +368,7 @@ class EchoCanceller:
         self.gate_db = float(gate_db)
         self._gate_ratio = 10.0 ** (self.gate_db / 10.0) if self.gate_db > 0 else 0.0
         self._gate_gain = 1.0                # gain applied at the end of the previous frame
+        self._e_in_prev = 0.0                # energy of the previous capture frame (before the APM)
         self._gate_ramp = np.linspace(0.0, 1.0, CAP_N + 1, dtype=np.float32)[1:]
         self.gated_frames = 0                # 10 ms frames the gate closed on
         self._gate_hold = 0                  # frames the gate stays open after near-end speech
@@ -594,8 +596,11 @@ class EchoCanceller:
         **Residual echo gate** (while the far end is active), per 10 ms frame:
 
         * **leak check** first: AEC3 let through more than a quiet remainder (> -65 dBFS,
-          under ``gate_db`` taken out) and that is at least 3 dB more than a delay line
-          fitted to the far end leaves of the input (:class:`EchoLeakDetector`): AEC3 has lost
+          under ``gate_db`` taken out) and that is at least 3 dB more than its input (the
+          capture restarted silent after a device reopen while the far end plays: AEC3's
+          filter subtracts an echo that is not there, and what it leaves is its own echo
+          estimate, never a user), or at least 3 dB more than a delay line fitted to the far
+          end leaves of the input (:class:`EchoLeakDetector`; ``leak_check``): AEC3 has lost
           the echo path (a step after a host stall, streams restarted out of step) and is
           passing the agent's voice 3-10 dB under its input. Muted; counted in
           ``leak_frames``;
@@ -640,9 +645,13 @@ class EchoCanceller:
                 active, gate_active = self._far_active(t0, t0 + FRAME_S)
             gain = 1.0
             leak = False
+            np.copyto(f, seg, casting="unsafe")
+            e_in = float(np.dot(f, f))
+            # the APM's output trails its input by ~8 ms: a word's end is still in the output
+            # one frame after it left the input
+            e_in_recent = max(e_in, self._e_in_prev)
+            self._e_in_prev = e_in
             if gate_active:
-                np.copyto(f, seg, casting="unsafe")
-                e_in = float(np.dot(f, f))
                 np.copyto(f, view, casting="unsafe")
                 e_out = float(np.dot(f, f))
                 if active:
@@ -653,8 +662,9 @@ class EchoCanceller:
                     self._win_n = min(self._win_n + 1, self._win)
                     self.far_active_frames += 1
                 if self._gate_ratio:
-                    if (self._leak is not None and e_out > _LEAK_MIN_E and e_out * self._gate_ratio > e_in
-                            and e_out > _LEAK_RATIO * self._leak.near_bound()):
+                    if e_out > _LEAK_MIN_E and e_out * self._gate_ratio > e_in and (
+                            e_out > _LEAK_RATIO * e_in_recent
+                            or (self._leak is not None and e_out > _LEAK_RATIO * self._leak.near_bound())):
                         gain = 0.0                  # AEC3 lost the echo path: the agent's own voice
                         leak = True
                         self._gate_hold = 0
@@ -746,6 +756,8 @@ class EchoCanceller:
         self.path_delay = None
         self._leads.clear()
         self._resync_soon = True
+        self._e_in_prev = 0.0  # the capture restarts too: what the APM still holds of the
+        # old stream's last frame is not near-end speech in the new one
         if self.dump is not None:
             self.dump.reset()
         # the far-end activity stays: the gate keeps watching across the reopen (AEC3's

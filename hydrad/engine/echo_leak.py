@@ -27,8 +27,8 @@ reverberation, the bound is loose and the test simply lets more through: it neve
 what AEC3 handles, so it costs nothing there but CPU, and only in frames where AEC3's output
 is loud during playback (a user talking, or a leak).
 
-Pure numpy, no threads of its own: ``reference`` and ``capture`` may be called from two
-threads (one lock, held for a copy).
+Pure numpy, no threads of its own: ``reference`` may be called from another thread than
+``capture``/``skip_capture``/``fit`` (one lock, held for a copy).
 """
 
 from __future__ import annotations
@@ -73,7 +73,6 @@ class EchoLeakDetector:
         self._far_pos = 0                    # far-end samples written (stream position)
         self._near = np.zeros(self.window, np.float32)
         self._near_pos = 0                   # capture samples written
-        self._skip = 0                       # capture samples to count as silence (see skip_capture)
         self._lock = threading.Lock()
         self.tests = 0                       # fit() calls that computed something
         self.lag: int | None = None          # samples: the strongest copy's lag at the last fit
@@ -95,18 +94,15 @@ class EchoLeakDetector:
 
     def skip_capture(self, n: int) -> None:
         """The capture lost ``n`` samples the far end did not (a reopen dropped the input's
-        backlog): count them as silence before the next capture frame, so the far end stays
-        continuous and in step. Either side's thread."""
-        with self._lock:
-            self._skip += n
+        backlog), found out after the fact (the canceller's lead check runs 100-500 ms later):
+        the capture kept since is ``n`` samples further on than counted. Its position moves,
+        its samples stay, so the fit lines up at once (silence put in *now* would blind it for
+        a window). The capture's thread."""
+        self._near_pos += n
 
     def capture(self, frame: np.ndarray) -> None:
         """The next capture samples at 16 kHz, as the microphone gave them (before the
         canceller; the newest ``window_ms`` are kept)."""
-        if self._skip:
-            with self._lock:
-                k, self._skip = self._skip, 0
-            self._push_near(np.zeros(k, np.float32))
         self._push_near(np.asarray(frame, np.float32))
 
     def _push_near(self, y: np.ndarray) -> None:
@@ -135,7 +131,7 @@ class EchoLeakDetector:
                 lo += k
         return out
 
-    def fit(self, enough: float = 1.0) -> tuple[float, np.ndarray]:
+    def fit(self) -> tuple[float, np.ndarray]:
         """Fit up to ``taps`` delayed, scaled copies of the far end to the newest half of the
         ``window_ms`` of capture: (the fraction of its energy they explain, what they leave:
         float64, one value per capture sample of that half).
@@ -144,16 +140,19 @@ class EchoLeakDetector:
         window, at 8 kHz (one FFT cross-correlation: a long window keeps look-alikes out),
         then the copies themselves at 16 kHz within ``REFINE`` samples (12 ms) of that lag,
         on the newest half only (direct dot products: a path that stepped by a few ms inside
-        the window is fitted at its new lag 40 ms after the step, not 80). Stops early once
-        ``enough`` is explained, or when the best copy explains under a tenth (no echo worth
-        fitting)."""
+        the window is fitted at its new lag 40 ms after the step, not 80). Stops when the best
+        copy explains under a tenth (no echo worth fitting)."""
+        share, r, _ = self._fit()
+        return share, r
+
+    def _fit(self) -> tuple[float, np.ndarray, tuple[np.ndarray, int, int] | None]:
+        """:meth:`fit`, plus what a shorter fit needs: (the far-end segment, the refine range)."""
         w = self.window
         fw = self.fit_len
         y = self._near.astype(np.float64)
         yf = y[w - fw :]
-        ey = float(np.dot(yf, yf))
-        if ey <= 0.0 or self._near_pos < self.window:
-            return 0.0, yf
+        if float(np.dot(yf, yf)) <= 0.0 or self._near_pos < self.window:
+            return 0.0, yf, None
         x = self._far_segment()
         m = len(x) // 2 * 2
         x8 = (x[0:m:2] + x[1:m:2]) * 0.5
@@ -163,37 +162,59 @@ class EchoLeakDetector:
         ex8 = cs8[w8:] - cs8[:-w8]                  # energy of each candidate copy
         ok8 = ex8 > 1e-6 * float(np.dot(y8, y8))
         if not ok8.any():
-            return 0.0, yf
+            return 0.0, yf, None
         self.tests += 1
         n8 = self._nfft // 2
         c8 = np.fft.irfft(np.fft.rfft(x8, n8) * np.conj(np.fft.rfft(y8, n8)), n8)[: len(ex8)]
         i0 = 2 * int(np.argmax(np.where(ok8, c8 * c8 / np.where(ok8, ex8, 1.0), 0.0)))
         lo = max(0, i0 - REFINE)
         hi = min(len(x) - w, i0 + REFINE)
-        seg = x[lo + w - fw : hi + w]                # candidates: seg[i : i + fw], i = 0..hi - lo
+        share, r, i = self._pursue(x[lo + w - fw : hi + w], yf)
+        if i is not None:  # the first copy is x[lo + i ...]: the one at lag max_lag - (lo + i)
+            self.lag = self.max_lag - (lo + i)
+        return share, r, (x, lo, hi)
+
+    def _pursue(self, seg: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, int | None]:
+        """Greedy matching pursuit: up to ``taps`` scaled copies ``seg[i : i + len(y)]`` taken
+        out of ``y``: (share explained, the rest, the first copy's offset or None)."""
+        n = len(y)
+        ey = float(np.dot(y, y))
         cs = np.concatenate(([0.0], np.cumsum(seg * seg)))
-        ex = cs[fw:] - cs[:-fw]
+        ex = cs[n:] - cs[:-n]
         ok = ex > 1e-6 * ey
-        r = yf.copy()
+        r = y.copy()
         share = 0.0
+        first = None
         for k in range(self.taps):
             c = np.correlate(seg, r, "valid")
             score = np.where(ok, c * c / np.where(ok, ex, 1.0), 0.0)
             i = int(np.argmax(score))
             if score[i] <= 0.0:
                 break
-            r -= (c[i] / ex[i]) * seg[i : i + fw]
-            if k == 0:  # seg[i] is the copy at lag max_lag - (lo + i)
-                self.lag = self.max_lag - (lo + i)
+            r -= (c[i] / ex[i]) * seg[i : i + n]
+            if k == 0:
+                first = i
             share = 1.0 - float(np.dot(r, r)) / ey
-            if share >= enough or (k == 0 and share < 0.1):
+            if k == 0 and share < 0.1:
                 break
-        return max(0.0, min(1.0, share)), r
+        return max(0.0, min(1.0, share)), r, first
 
     def near_bound(self) -> float:
         """Energy (sum of squares over 10 ms) that the near end can at most have put in the
         newest capture frame: what the far-end copies leave of it (the larger of the last two
-        frames: the canceller's output trails its input by a few ms)."""
+        frames: the canceller's output trails its input by a few ms).
+
+        The copies are fitted twice, on the newest 40 ms (:meth:`fit`) and on the newest
+        20 ms alone at lags near the same one, and the smaller rest counts: when the echo path
+        steps (a stream re-buffered after a stall), the short fit has the new lag 20 ms after
+        the step, while copies spanning both sides of it fit neither for 40 ms, long enough
+        for AEC3's own leak to pass."""
         n = RATE // 100
-        _, r = self.fit()
+        _, r, found = self._fit()
+        if found is not None:
+            x, lo, hi = found
+            w = self.window
+            _, r2, _ = self._pursue(x[lo + w - 2 * n : hi + w], self._near[-2 * n :].astype(np.float64))
+            if float(np.dot(r2, r2)) < float(np.dot(r[-2 * n :], r[-2 * n :])):
+                r = r2
         return max(float(np.dot(r[-n:], r[-n:])), float(np.dot(r[-2 * n : -n], r[-2 * n : -n])))
