@@ -37,6 +37,7 @@ from tests.test_aec_scene import (
     echo_only_mask,
     erle_db,
     false_vad,
+    frame_db,
     near_recall,
     turn_starts,
     xcorr_lag,
@@ -575,6 +576,62 @@ def test_reopens_that_lose_capture_are_resynced():
     steady = EchoCanceller(gate_db=0)
     drive(steady, s)
     assert steady.resyncs == 0                                   # nothing lost: nothing put back
+
+
+class _FilterWithNothingToCancel:
+    """Stands in for AEC3's linear filter, with the APM's 127-sample latency: it takes the
+    echo out of the capture as the room would have put it there (``echo``, in capture
+    order), whatever the capture holds. When the capture restarts silent after a device
+    reopen while the far end plays, what is left is its echo estimate, negated: louder than
+    the input (recorded at -38..-47 dBFS on the virtual rig, where the input was zero)."""
+
+    LAG = 127
+
+    def __init__(self, canceller: EchoCanceller, echo: np.ndarray) -> None:
+        self.c, self.echo, self.k = canceller, echo, 0
+        self.prev = np.zeros(self.LAG)
+
+    def process_stream(self, _frame) -> None:
+        view = self.c._cap_view
+        e = view - self.echo[self.k * 160 : (self.k + 1) * 160]
+        self.k += 1
+        both = np.concatenate([self.prev, e])
+        self.prev = both[-self.LAG :]
+        view[:] = np.clip(np.rint(both[:160]), -32768, 32767)
+
+    def process_reverse_stream(self, _frame) -> None:
+        pass
+
+    def set_stream_delay_ms(self, _ms) -> None:
+        pass
+
+
+def test_output_louder_than_its_input_is_not_the_user():
+    """The capture restarts with 60 ms of digital silence after a reopen in the middle of a
+    reply. The canceller's output is then its own echo estimate, and the gate mutes it,
+    without the leak check (it took it for the user once and held open 200 ms). The user's
+    speech, which the canceller hands on 8 ms late (a word's end is louder at the output than
+    at the input for a frame), still passes whole."""
+    s = scene(delay_s=0.04, far_kind="speech", near_at=12.0)
+    e_db = frame_db(s.echo, 160)
+    at = next(j for j in range(300, len(e_db) - 10) if (e_db[j : j + 10] > -40).all()) / 100
+    reopens = ((at, 0.0, 0.06),)
+    outs = {}
+    for gate in (0, 15):
+        c = EchoCanceller(gate_db=gate, leak_check=False)
+        c._apm = _FilterWithNothingToCancel(c, s.echo)
+        outs[gate] = drive(c, s, reopens=reopens)
+    a, b = int(at * RATE), int((at + 0.06) * RATE)
+    assert frame_db(outs[0][a:b], 160).min() > -50, frame_db(outs[0][a:b], 160)  # the estimate, negated
+    assert not outs[15][a:b].any(), frame_db(outs[15][a:b], 160)
+    assert not [t for t in turn_starts(outs[15]) if t < s.near_at - 0.05]
+    u0, u1 = int(s.near_at * RATE), int((s.near_at + 3.3) * RATE)
+    kept = [float(np.dot(o[u0:u1].astype(float), o[u0:u1].astype(float))) for o in (outs[0], outs[15])]
+    assert kept[1] > 0.95 * kept[0], kept[1] / kept[0]
+    c = EchoCanceller(leak_check=False)
+    c._apm = _FilterWithNothingToCancel(c, s.echo)
+    drive(c, s)
+    assert c.leak_frames == 0   # no word end muted (9 when the frame's own input is the measure)
 
 
 @pytest.mark.parametrize("delay", [0.04, 0.25])

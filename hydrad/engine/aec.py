@@ -374,6 +374,7 @@ class EchoCanceller:
         self._gate_hold = 0                  # frames the gate stays open after near-end speech
         self._leak = EchoLeakDetector() if leak_check and self.gate_db > 0 else None
         self.leak_frames = 0                 # frames muted as AEC3 having lost the echo path
+                                             # (louder than its input, or failing the leak check)
         self.dump: AecDump | None = None     # set by the engine from HYDRAD_AEC_DUMP
 
     # ---- far end ------------------------------------------------------------------------
