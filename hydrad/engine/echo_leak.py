@@ -12,10 +12,9 @@ alignment can.
 samples) and the last ``window_ms`` of the microphone, and fits up to ``taps`` delayed,
 scaled copies of the far end to it, at whatever lag in ``[min_lag_ms, max_lag_ms]`` fits
 best (the lag by an FFT cross-correlation at 8 kHz over the whole window, then greedy
-matching pursuit at 16 kHz within 12 ms of it on the window's newest half). What the copies
-leave,
-:meth:`EchoLeakDetector.near_bound`, is at most the near end (the user, the room) plus what
-one delay line cannot model (reverberation). AEC3's output is normally far below it; when
+matching pursuit at 16 kHz within 12 ms of it on the window's newest half, and again on its
+newest 20 ms alone). What the copies leave, :meth:`EchoLeakDetector.near_bound`, is at most
+the near end (the user, the room) plus what one delay line cannot model (reverberation). AEC3's output is normally far below it; when
 AEC3's output is well *above* it, AEC3 is passing echo that a delay line would have removed,
 and the engine's gate mutes the frame (``EchoCanceller.process_capture``). A user talking is
 in both (the copies cannot fit a voice that is not the far end's), so it passes.
