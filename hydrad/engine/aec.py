@@ -757,8 +757,9 @@ class EchoCanceller:
         self.path_delay = None
         self._leads.clear()
         self._resync_soon = True
-        self._e_in_prev = 0.0  # the capture restarts too: what the APM still holds of the
-        # old stream's last frame is not near-end speech in the new one
+        # the capture restarts too: what the APM still holds of the old stream's last frame
+        # is not near-end speech in the new one
+        self._e_in_prev = 0.0
         if self.dump is not None:
             self.dump.reset()
         # the far-end activity stays: the gate keeps watching across the reopen (AEC3's

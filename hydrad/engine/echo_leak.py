@@ -14,10 +14,11 @@ scaled copies of the far end to it, at whatever lag in ``[min_lag_ms, max_lag_ms
 best (the lag by an FFT cross-correlation at 8 kHz over the whole window, then greedy
 matching pursuit at 16 kHz within 12 ms of it on the window's newest half, and again on its
 newest 20 ms alone). What the copies leave, :meth:`EchoLeakDetector.near_bound`, is at most
-the near end (the user, the room) plus what one delay line cannot model (reverberation). AEC3's output is normally far below it; when
-AEC3's output is well *above* it, AEC3 is passing echo that a delay line would have removed,
-and the engine's gate mutes the frame (``EchoCanceller.process_capture``). A user talking is
-in both (the copies cannot fit a voice that is not the far end's), so it passes.
+the near end (the user, the room) plus what one delay line cannot model (reverberation).
+AEC3's output is normally far below it; when AEC3's output is well *above* it, AEC3 is
+passing echo that a delay line would have removed, and the engine's gate mutes the frame
+(``EchoCanceller.process_capture``). A user talking is in both (the copies cannot fit a
+voice that is not the far end's), so it passes.
 
 Where the echo is mostly one path (a loudspeaker a hand's width from the microphone, the
 virtual rig), the fit leaves -80 dBFS of a -36 dBFS echo within 20 ms of a step (measured on
@@ -102,9 +103,7 @@ class EchoLeakDetector:
     def capture(self, frame: np.ndarray) -> None:
         """The next capture samples at 16 kHz, as the microphone gave them (before the
         canceller; the newest ``window_ms`` are kept)."""
-        self._push_near(np.asarray(frame, np.float32))
-
-    def _push_near(self, y: np.ndarray) -> None:
+        y = np.asarray(frame, np.float32)
         n = len(y)
         w = self.window
         if n >= w:
