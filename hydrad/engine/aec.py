@@ -93,6 +93,11 @@ _LEAK_MIN_E = CAP_N * (32768.0 * 10.0 ** (-65.0 / 20.0)) ** 2  # quieter output 
 _RESYNC_FRAMES = 3            # the far end's lead on the capture moved this many frames: resync
 _LEAK_RATIO = 2.0             # AEC3 output 3 dB above its input, or above what a fitted
                               # delay line leaves of it: a leak
+_APM_LATENCY = 128            # samples AEC3's output trails its input (8 ms, measured)
+_KEEP_RATIO = 4.0             # AEC3 left 6 dB less than the far-end copies do: it ate the user
+_KEEP_SHARE = 0.5             # ... if the far end explains at most half of the frame
+_KEEP_AFTER_FRAMES = 50       # ... once the far end has played 0.5 s (the path is measured)
+_KEEP_OVER_ECHO = 10.0        # ... and it is 10 dB above the loudest echo the path has made
 _INSTALL_HINT = (
     "audio.aec = \"webrtc\" needs livekit's AudioProcessingModule: "
     "pip install 'livekit>=1.2,<2' (the 'aec' extra: pip install 'hydrad[aec]'). "
@@ -375,6 +380,11 @@ class EchoCanceller:
         self._leak = EchoLeakDetector() if leak_check and self.gate_db > 0 else None
         self.leak_frames = 0                 # frames muted as AEC3 having lost the echo path
                                              # (louder than its input, or failing the leak check)
+        self.kept_frames = 0                 # frames AEC3 suppressed as echo that the far end
+                                             # cannot explain: the delay line's rest went up
+        self._keep_mix = 0.0                 # share of that rest in the previous frame's output
+        self._kept_rest = np.zeros(CAP_N, np.float32)
+        self._far_thr16 = CAP_N * 32768.0 * 32768.0 * 10 ** (self.far_active_dbfs / 10.0)
         self.dump: AecDump | None = None     # set by the engine from HYDRAD_AEC_DUMP
 
     # ---- far end ------------------------------------------------------------------------
@@ -646,6 +656,7 @@ class EchoCanceller:
                 active, gate_active = self._far_active(t0, t0 + FRAME_S)
             gain = 1.0
             leak = False
+            keep = False
             np.copyto(f, seg, casting="unsafe")
             e_in = float(np.dot(f, f))
             # the APM's output trails its input by ~8 ms: a word's end is still in the output
@@ -673,13 +684,32 @@ class EchoCanceller:
                         self.leak_frames += 1
                     elif e_out * _OPEN_RATIO > e_in and e_out > _OPEN_MIN_E:
                         self._gate_hold = _GATE_HOLD_FRAMES  # near-end speech: keep open
+                    elif (self._leak is not None and e_in > _OPEN_MIN_E
+                          and self._keep(e_in, e_out)):
+                        keep = True
+                        self._gate_hold = _GATE_HOLD_FRAMES
                     elif self._gate_hold > 0:
                         self._gate_hold -= 1
                     elif e_out * self._gate_ratio <= e_in:
                         gain = 0.0
                         self.gated_frames += 1
             g0 = self._gate_gain
-            if gain == g0 == 1.0:
+            m0, m1 = self._keep_mix, (1.0 if keep else 0.0)
+            if m0 and not keep and self._leak is not None:  # fading out: this frame's rest
+                rest = self._leak.near_rest()
+                self._kept_rest = rest[-CAP_N - _APM_LATENCY : -_APM_LATENCY].astype(np.float32)
+            if m0 or m1:  # cross-fade between AEC3's output and the delay line's rest
+                ramp = m0 + (m1 - m0) * self._gate_ramp
+                np.copyto(f, view, casting="unsafe")
+                f *= 1.0 - ramp
+                f += ramp * self._kept_rest
+                f *= g0 + (gain - g0) * self._gate_ramp
+                np.rint(f, out=f)
+                np.clip(f, -32768.0, 32767.0, out=f)
+                out[s : s + CAP_N] = f
+                if keep:
+                    self.kept_frames += 1
+            elif gain == g0 == 1.0:
                 out[s : s + CAP_N] = view
             else:  # ramp from the previous frame's gain: no step at the frame edge
                 np.copyto(f, view, casting="unsafe")
@@ -687,11 +717,32 @@ class EchoCanceller:
                 np.rint(f, out=f)
                 out[s : s + CAP_N] = f
             self._gate_gain = gain
+            self._keep_mix = m1
             if self.dump is not None:
-                flags = ("a" if gate_active else "") + ("L" if leak else "") + ("0" if gain == 0.0 else "")
+                flags = (("a" if gate_active else "") + ("L" if leak else "") + ("K" if keep else "")
+                         + ("0" if gain == 0.0 else ""))
                 self.dump.near(seg, out[s : s + CAP_N], None if t_adc is None else t_adc + s / CAPTURE_RATE, flags)
         self._t_cap.add(time.perf_counter_ns() - t_start, n // CAP_N)
         return out.tobytes() if as_bytes else out
+
+    def _keep(self, e_in: float, e_out: float) -> bool:
+        """Did AEC3 suppress a frame as echo that the far end cannot explain (its suppressor
+        eats a user it cannot tell from an echo it has never converged on: no echo path, or
+        one too weak to fit)? Then ``_kept_rest`` holds what the far-end copies leave of it,
+        aligned with AEC3's output, to go up instead."""
+        if e_out * _KEEP_RATIO >= e_in or self.far_active_frames < _KEEP_AFTER_FRAMES:
+            return False
+        rest = self._leak.near_rest()
+        now = rest[-CAP_N:]
+        e_rest = float(np.dot(now, now))
+        if (self._leak.far_peak < self._far_thr16 or e_rest <= _OPEN_MIN_E or e_rest < _KEEP_SHARE * e_in
+                or e_rest < _KEEP_OVER_ECHO * self._leak.echo_ceiling()):
+            return False
+        aligned = rest[-CAP_N - _APM_LATENCY : -_APM_LATENCY]
+        if e_out * _KEEP_RATIO >= float(np.dot(aligned, aligned)):
+            return False
+        self._kept_rest = aligned.astype(np.float32)
+        return True
 
     def _error(self, exc: Exception) -> None:
         self.errors += 1
@@ -733,6 +784,8 @@ class EchoCanceller:
                 if p != self.predelay_frames:
                     self.predelay_frames = p
                     self.predelay_changes += 1
+                    if self._leak is not None:  # the echo lags the frames AEC3 gets by this less
+                        self._leak.offset = p * CAP_N
         hint = int(round((d - self.predelay_frames * FRAME_S) * 1000.0))
         hint = max(0, min(hint, MAX_APM_DELAY_MS))
         if self.delay_ms is None or abs(hint - self.delay_ms) >= 10:
@@ -804,6 +857,7 @@ class EchoCanceller:
             "leak_check": self._leak is not None,
             "leak_tests": self._leak.tests if self._leak is not None else 0,
             "leak_frames": self.leak_frames,
+            "kept_frames": self.kept_frames,
             "errors": self.errors,
             "last_error": self.last_error,
             **self._t_cap.take("capture"),
