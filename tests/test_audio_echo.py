@@ -54,8 +54,24 @@ N_TRIALS = 20          # prompt, reply, barge-in, answer played out: ~9 s each
 SLACK_S = 0.35         # paplay start-up + uplink + VAD onset: a feed opens a turn until its speech ends + this
 
 
+class EchoPath(str):
+    """The echo sink's name (what :func:`echo_path` yields), and its gain to change."""
+
+    def __new__(cls, name: str, va: VirtualAudio, sink_input: str) -> "EchoPath":
+        self = super().__new__(cls, name)
+        self.va, self.sink_input = va, sink_input
+        return self
+
+    def set_gain(self, gain_db: float) -> None:
+        """Step the echo path's attenuation now (PulseAudio applies it within a block)."""
+        p = subprocess.run(["pactl", "set-sink-input-volume", self.sink_input, f"{gain_db}dB"],
+                           env=self.va.environ(), capture_output=True, text=True, timeout=10)
+        if p.returncode != 0:
+            raise VirtualAudioError(f"pactl set-sink-input-volume failed: {p.stderr.strip()}")
+
+
 @contextlib.contextmanager
-def echo_path(va: VirtualAudio, gain_db: float = ECHO_DB) -> Iterator[str]:
+def echo_path(va: VirtualAudio, gain_db: float = ECHO_DB) -> Iterator[EchoPath]:
     """Leak the speaker into the mic at ``gain_db``, on one clock: a virtual sink
     ``echospk`` (``module-remap-sink``) whose master is the mic feed sink, made the default
     sink, so whatever the daemon plays is mixed into the mic with the utterances.
@@ -66,7 +82,8 @@ def echo_path(va: VirtualAudio, gain_db: float = ECHO_DB) -> Iterator[str]:
     underruns ("Could not peek into queue", "Underrun detected" in the server's log): the
     echo path jumps by 5-7 ms, which no loudspeaker does (with ``adjust_time`` it slides
     ~0.5 ms/s instead). A remap sink has no clock of its own: the path is fixed. Yields the
-    sink's name (the engine must start after this, to open it as the default)."""
+    sink's name (the engine must start after this, to open it as the default), an
+    :class:`EchoPath` whose gain can be stepped."""
     env = va.environ()
 
     def pactl(*args: str) -> str:
@@ -85,9 +102,10 @@ def echo_path(va: VirtualAudio, gain_db: float = ECHO_DB) -> Iterator[str]:
                 idx = block.split(None, 1)[0]
         if idx is None:
             raise VirtualAudioError(f"no sink input of remap module {module}")
-        pactl("set-sink-input-volume", idx, f"{gain_db}dB")
+        path = EchoPath("echospk", va, idx)
+        path.set_gain(gain_db)
         pactl("set-default-sink", "echospk")
-        yield "echospk"
+        yield path
     finally:
         subprocess.run(["pactl", "set-default-sink", "vspk"], env=env, capture_output=True, timeout=10)
         subprocess.run(["pactl", "unload-module", str(module)], env=env, capture_output=True, timeout=10)

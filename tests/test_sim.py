@@ -757,6 +757,19 @@ async def test_transcripts_flag(start_sim):
                 assert deltas == []
 
 
+async def test_keep_audio_records_what_the_service_heard(start_sim):
+    for flag in (False, True):
+        sim = await start_sim(keep_audio=flag)
+        async with connect(sim, configure={}) as c:
+            frames = [bytes([k]) * 640 for k in range(1, 4)]
+            for pcm in frames:
+                await c.send("input_audio_buffer.append", audio=b64(pcm))
+            await c.barrier()  # the appends before it were handled
+        rec = sim.sessions[-1]
+        assert [pcm for _, pcm in rec.audio] == (frames if flag else [])
+        assert all(t > 0 for t, _ in rec.audio)
+
+
 async def test_scripted_failure(start_sim):
     sim = await start_sim()
     sim.script(0, error="internal_error")

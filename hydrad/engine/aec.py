@@ -76,6 +76,9 @@ from typing import Any, Callable
 import numpy as np
 import soxr
 
+from hydrad.engine.echo_coupling import EchoCoupling
+from hydrad.engine.echo_gate import APM_LATENCY, HOLD_FRAMES, NEAR_MIN_E, Verdict, decide, double_talk
+from hydrad.engine.echo_gate import Frame as GateFrame
 from hydrad.engine.echo_leak import EchoLeakDetector
 
 CAPTURE_RATE = 16000          # the engine's uplink rate: the APM's capture stream
@@ -83,21 +86,8 @@ FRAME_S = 0.010               # the APM takes exactly 10 ms frames
 MAX_APM_DELAY_MS = 500        # libwebrtc rejects a larger stream delay
 MAX_APM_RATE = 48000
 CAP_N = CAPTURE_RATE // 100   # 160 samples
-# residual echo gate: a frame the canceller took less than 6 dB out of, with something left
-# (above -55 dBFS), is the near end talking: the gate then stays open 200 ms (word edges)
-_OPEN_RATIO = 10.0 ** (6.0 / 10.0)
-_OPEN_MIN_E = CAP_N * (32768.0 * 10.0 ** (-55.0 / 20.0)) ** 2
-_GATE_HOLD_FRAMES = 20
 _GATE_TAIL_S = 0.5            # the gate watches this long after the far end (room tail + path)
-_LEAK_MIN_E = CAP_N * (32768.0 * 10.0 ** (-65.0 / 20.0)) ** 2  # quieter output is no risk
 _RESYNC_FRAMES = 3            # the far end's lead on the capture moved this many frames: resync
-_LEAK_RATIO = 2.0             # AEC3 output 3 dB above its input, or above what a fitted
-                              # delay line leaves of it: a leak
-_APM_LATENCY = 128            # samples AEC3's output trails its input (8 ms, measured)
-_KEEP_RATIO = 4.0             # AEC3 left 6 dB less than the far-end copies do: it ate the user
-_KEEP_SHARE = 0.5             # ... if the far end explains at most half of the frame
-_KEEP_AFTER_FRAMES = 50       # ... once the far end has played 0.5 s (the path is measured)
-_KEEP_OVER_ECHO = 10.0        # ... and it is 10 dB above the loudest echo the path has made
 _INSTALL_HINT = (
     "audio.aec = \"webrtc\" needs livekit's AudioProcessingModule: "
     "pip install 'livekit>=1.2,<2' (the 'aec' extra: pip install 'hydrad[aec]'). "
@@ -380,11 +370,14 @@ class EchoCanceller:
         self._leak = EchoLeakDetector() if leak_check and self.gate_db > 0 else None
         self.leak_frames = 0                 # frames muted as AEC3 having lost the echo path
                                              # (louder than its input, or failing the leak check)
-        self.kept_frames = 0                 # frames AEC3 suppressed as echo that the far end
-                                             # cannot explain: the delay line's rest went up
+        self.kept_frames = 0                 # frames AEC3 suppressed as echo that the echo path
+                                             # cannot explain: the microphone went up
+        self.double_talk_frames = 0          # far-end-active frames holding a user (echo_gate)
+        self.double_talk_cut_frames = 0      # ... that went up 10 dB or more under the mic
         self._keep_mix = 0.0                 # share of that rest in the previous frame's output
-        self._kept_rest = np.zeros(CAP_N, np.float32)
+        self._mic_hist = np.zeros(CAP_N + APM_LATENCY, np.float32)
         self._far_thr16 = CAP_N * 32768.0 * 32768.0 * 10 ** (self.far_active_dbfs / 10.0)
+        self.coupling = EchoCoupling(min_far=self._far_thr16)  # the echo path's strength
         self.dump: AecDump | None = None     # set by the engine from HYDRAD_AEC_DUMP
 
     # ---- far end ------------------------------------------------------------------------
@@ -604,24 +597,15 @@ class EchoCanceller:
         fails on is returned unprocessed and counted in ``errors``. Raises ValueError only
         for a wrong shape/dtype/length (a programming error).
 
-        **Residual echo gate** (while the far end is active), per 10 ms frame:
-
-        * **leak check** first: AEC3 let through more than a quiet remainder (> -65 dBFS,
-          under ``gate_db`` taken out) and that is at least 3 dB more than its input (the
-          capture restarted silent after a device reopen while the far end plays: AEC3's
-          filter subtracts an echo that is not there, and what it leaves is its own echo
-          estimate, never a user), or at least 3 dB more than a delay line fitted to the far
-          end leaves of the input (:class:`EchoLeakDetector`; ``leak_check``): AEC3 has lost
-          the echo path (a step after a host stall, streams restarted out of step) and is
-          passing the agent's voice 3-10 dB under its input. Muted; counted in
-          ``leak_frames``;
-        * the canceller took less than 6 dB out and more than -55 dBFS is left: a user
-          talking over the reply. Passed, and the gate stays open 200 ms (word edges);
-        * the canceller took ``gate_db`` or more out: what is left is residual echo (AEC3
-          re-aligning after a small step leaks -55..-70 dBFS, enough for a server VAD).
-          Muted.
-
-        Muting ramps over the frame (no click). Counted in ``gated_frames``.
+        **Residual echo gate** (while the far end is active), per 10 ms frame: the rules of
+        :mod:`hydrad.engine.echo_gate` (leak, near, keep, held, residual), measured here
+        with the leak check's delay line (:class:`EchoLeakDetector`; ``leak_check``). Muted
+        frames are counted in ``gated_frames`` (``leak_frames`` of them for a lost echo
+        path), kept ones (AEC3 suppressed a user the far end cannot explain, so the delay
+        line's rest went up) in ``kept_frames``; ``double_talk_frames`` counts frames that
+        hold a user over the reply, ``double_talk_cut_frames`` those of them that went up
+        10 dB or more under the mic.
+        Muting and switching ramp over the frame (no click).
         """
         t_start = time.perf_counter_ns()
         as_bytes = isinstance(frame, (bytes, bytearray, memoryview))
@@ -654,15 +638,19 @@ class EchoCanceller:
             if t_adc is not None:
                 t0 = t_adc + s / CAPTURE_RATE
                 active, gate_active = self._far_active(t0, t0 + FRAME_S)
-            gain = 1.0
-            leak = False
-            keep = False
             np.copyto(f, seg, casting="unsafe")
             e_in = float(np.dot(f, f))
             # the APM's output trails its input by ~8 ms: a word's end is still in the output
             # one frame after it left the input
             e_in_recent = max(e_in, self._e_in_prev)
             self._e_in_prev = e_in
+            verdict, talk = Verdict.PASS, False
+            hist = self._mic_hist  # the capture, delayed as AEC3's output is (for keep)
+            hist[:-CAP_N] = hist[CAP_N:]
+            hist[-CAP_N:] = f
+            far_peak = self._leak.far_peak() if active and self._leak is not None else 0.0
+            if t_adc is not None:
+                self.coupling.frame(active, e_in, far_peak)
             if gate_active:
                 np.copyto(f, view, casting="unsafe")
                 e_out = float(np.dot(f, f))
@@ -674,75 +662,75 @@ class EchoCanceller:
                     self._win_n = min(self._win_n + 1, self._win)
                     self.far_active_frames += 1
                 if self._gate_ratio:
-                    if e_out > _LEAK_MIN_E and e_out * self._gate_ratio > e_in and (
-                            e_out > _LEAK_RATIO * e_in_recent
-                            or (self._leak is not None and e_out > _LEAK_RATIO * self._leak.near_bound())):
-                        gain = 0.0                  # AEC3 lost the echo path: the agent's own voice
-                        leak = True
-                        self._gate_hold = 0
-                        self.gated_frames += 1
-                        self.leak_frames += 1
-                    elif e_out * _OPEN_RATIO > e_in and e_out > _OPEN_MIN_E:
-                        self._gate_hold = _GATE_HOLD_FRAMES  # near-end speech: keep open
-                    elif (self._leak is not None and e_in > _OPEN_MIN_E
-                          and self._keep(e_in, e_out)):
-                        keep = True
-                        self._gate_hold = _GATE_HOLD_FRAMES
-                    elif self._gate_hold > 0:
-                        self._gate_hold -= 1
-                    elif e_out * self._gate_ratio <= e_in:
-                        gain = 0.0
-                        self.gated_frames += 1
-            g0 = self._gate_gain
-            m0, m1 = self._keep_mix, (1.0 if keep else 0.0)
-            if m0 and not keep and self._leak is not None:  # fading out: this frame's rest
-                rest = self._leak.near_rest()
-                self._kept_rest = rest[-CAP_N - _APM_LATENCY : -_APM_LATENCY].astype(np.float32)
-            if m0 or m1:  # cross-fade between AEC3's output and the delay line's rest
-                ramp = m0 + (m1 - m0) * self._gate_ramp
-                np.copyto(f, view, casting="unsafe")
-                f *= 1.0 - ramp
-                f += ramp * self._kept_rest
-                f *= g0 + (gain - g0) * self._gate_ramp
-                np.rint(f, out=f)
-                np.clip(f, -32768.0, 32767.0, out=f)
-                out[s : s + CAP_N] = f
-                if keep:
-                    self.kept_frames += 1
-            elif gain == g0 == 1.0:
-                out[s : s + CAP_N] = view
-            else:  # ramp from the previous frame's gain: no step at the frame edge
-                np.copyto(f, view, casting="unsafe")
-                f *= g0 + (gain - g0) * self._gate_ramp
-                np.rint(f, out=f)
-                out[s : s + CAP_N] = f
-            self._gate_gain = gain
-            self._keep_mix = m1
+                    verdict, talk = self._judge(e_in, e_in_recent, e_out, far_peak)
+            dst = out[s : s + CAP_N]
+            self._apply(dst, verdict)
+            if talk and active:
+                self.double_talk_frames += 1
+                if float(np.dot(dst.astype(np.float32), dst.astype(np.float32))) * 10.0 < e_in:
+                    self.double_talk_cut_frames += 1
             if self.dump is not None:
-                flags = (("a" if gate_active else "") + ("L" if leak else "") + ("K" if keep else "")
-                         + ("0" if gain == 0.0 else ""))
-                self.dump.near(seg, out[s : s + CAP_N], None if t_adc is None else t_adc + s / CAPTURE_RATE, flags)
+                flags = (("a" if gate_active else "") + ("L" if verdict is Verdict.LEAK else "")
+                         + ("K" if verdict is Verdict.KEEP else "") + ("0" if verdict.muted else ""))
+                self.dump.near(seg, dst, None if t_adc is None else t_adc + s / CAPTURE_RATE, flags)
         self._t_cap.add(time.perf_counter_ns() - t_start, n // CAP_N)
         return out.tobytes() if as_bytes else out
 
-    def _keep(self, e_in: float, e_out: float) -> bool:
-        """Did AEC3 suppress a frame as echo that the far end cannot explain (its suppressor
-        eats a user it cannot tell from an echo it has never converged on: no echo path, or
-        one too weak to fit)? Then ``_kept_rest`` holds what the far-end copies leave of it,
-        aligned with AEC3's output, to go up instead."""
-        if e_out * _KEEP_RATIO >= e_in or self.far_active_frames < _KEEP_AFTER_FRAMES:
-            return False
-        rest = self._leak.near_rest()
-        now = rest[-CAP_N:]
-        e_rest = float(np.dot(now, now))
-        if (self._leak.far_peak < self._far_thr16 or e_rest <= _OPEN_MIN_E or e_rest < _KEEP_SHARE * e_in
-                or e_rest < _KEEP_OVER_ECHO * self._leak.echo_ceiling()):
-            return False
-        aligned = rest[-CAP_N - _APM_LATENCY : -_APM_LATENCY]
-        if e_out * _KEEP_RATIO >= float(np.dot(aligned, aligned)):
-            return False
-        self._kept_rest = aligned.astype(np.float32)
-        return True
+    def _judge(self, e_in: float, e_in_recent: float, e_out: float,
+               far_peak: float) -> tuple[Verdict, bool]:
+        """The gate's verdict on a far-end-active frame (``hydrad.engine.echo_gate``), its
+        hold and counters kept: (verdict, whether the frame is double talk). ``far_peak``: the loudest 10 ms of far end within the echo lags
+        (0 in the gate's tail after the far end, or without the leak check)."""
+        leak = self._leak
+        rest = None
+        ceiling, path_known = 0.0, False
+        if leak is not None:
+            fitted: list[np.ndarray] = []
+
+            def rest() -> np.ndarray:  # the fit runs at most once a frame, and only if asked
+                if not fitted:
+                    fitted.append(leak.near_rest())
+                return fitted[0]
+
+            path_known = self.coupling.value is not None and far_peak >= self._far_thr16
+            ceiling = self.coupling.ceiling(far_peak)
+        frame = GateFrame(e_in, e_in_recent, e_out, rest, ceiling, path_known)
+        verdict = decide(frame, self._gate_ratio, self._gate_hold > 0)
+        if verdict.muted:
+            self.gated_frames += 1
+            if verdict is Verdict.LEAK:
+                self.leak_frames += 1
+                self._gate_hold = 0
+        elif verdict.opens:
+            self._gate_hold = HOLD_FRAMES
+            if verdict is Verdict.KEEP:
+                self.kept_frames += 1
+        elif verdict is Verdict.HELD:
+            self._gate_hold -= 1
+        return verdict, double_talk(frame)
+
+    def _apply(self, dst: np.ndarray, verdict: Verdict) -> None:
+        """Write what goes up of the APM's output frame (``_cap_view``) into ``dst``: muted,
+        passed, or (**keep**) the microphone delayed as AEC3's output is, ramped from the
+        previous frame's gain and source over the frame (no click, no step at the edge)."""
+        view = self._cap_view
+        f = self._cap_f
+        g0, g1 = self._gate_gain, 0.0 if verdict.muted else 1.0
+        m0, m1 = self._keep_mix, 1.0 if verdict is Verdict.KEEP else 0.0
+        self._gate_gain, self._keep_mix = g1, m1
+        if g1 == g0 == 1.0 and not (m0 or m1):
+            dst[:] = view
+            return
+        np.copyto(f, view, casting="unsafe")
+        if m0 or m1:
+            ramp = m0 + (m1 - m0) * self._gate_ramp
+            f *= 1.0 - ramp
+            f += ramp * self._mic_hist[-CAP_N - APM_LATENCY : -APM_LATENCY]
+        if g0 != 1.0 or g1 != 1.0:
+            f *= g0 + (g1 - g0) * self._gate_ramp
+        np.rint(f, out=f)
+        np.clip(f, -32768.0, 32767.0, out=f)
+        dst[:] = f
 
     def _error(self, exc: Exception) -> None:
         self.errors += 1
@@ -813,6 +801,7 @@ class EchoCanceller:
         # the capture restarts too: what the APM still holds of the old stream's last frame
         # is not near-end speech in the new one
         self._e_in_prev = 0.0
+        self._mic_hist[:] = 0.0
         if self.dump is not None:
             self.dump.reset()
         # the far-end activity stays: the gate keeps watching across the reopen (AEC3's
@@ -858,6 +847,10 @@ class EchoCanceller:
             "leak_tests": self._leak.tests if self._leak is not None else 0,
             "leak_frames": self.leak_frames,
             "kept_frames": self.kept_frames,
+            "echo_coupling_db": (None if self.coupling.value is None
+                                 else round(10.0 * math.log10(max(self.coupling.value, 1e-12)), 1)),
+            "double_talk_frames": self.double_talk_frames,
+            "double_talk_cut_frames": self.double_talk_cut_frames,
             "errors": self.errors,
             "last_error": self.last_error,
             **self._t_cap.take("capture"),

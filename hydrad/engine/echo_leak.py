@@ -34,15 +34,10 @@ Pure numpy, no threads of its own: ``reference`` may be called from another thre
 from __future__ import annotations
 
 import threading
-from collections import deque
 
 import numpy as np
 
 RATE = 16000
-COUPLING_DECAY_DB = 1.0   # per second: how fast a held echo path gain is forgotten
-LAG_AGREE = 32            # samples (2 ms): two fits at lags this close found the same path
-CONFIRM_S = 0.3           # ... if they are this far apart
-KEEP_FITS_S = 3.0         # fits kept to confirm a new one
 REFINE = 192  # samples (12 ms) either side of the coarse lag where the copies are fitted
 
 
@@ -81,11 +76,7 @@ class EchoLeakDetector:
         self._lock = threading.Lock()
         self.tests = 0                       # fit() calls that computed something
         self.lag: int | None = None          # samples: the strongest copy's lag at the last fit
-        self.coupling = 0.0                  # echo path's power gain, held (see echo_ceiling)
-        self._coupling_pos = 0               # capture position of its last update
-        self._fits: deque[tuple[int, int, float]] = deque()  # (position, lag, gain) of fits
-                                             # that explained most, the last KEEP_FITS_S
-        self._far_peak = 0.0                 # loudest 10 ms of far end the last fit searched
+        self._peak: tuple[int, float] = (-1, 0.0)  # (capture position, far_peak() there)
         self.offset = 0                      # samples added to every lag searched: the
                                              # canceller's pre-delay (set by its capture side)
 
@@ -161,7 +152,6 @@ class EchoLeakDetector:
         fw = self.fit_len
         y = self._near.astype(np.float64)
         yf = y[w - fw :]
-        self._far_peak = 0.0
         if float(np.dot(yf, yf)) <= 0.0 or self._near_pos < self.window:
             return 0.0, yf, None
         x = self._far_segment()
@@ -180,43 +170,14 @@ class EchoLeakDetector:
         i0 = 2 * int(np.argmax(np.where(ok8, c8 * c8 / np.where(ok8, ex8, 1.0), 0.0)))
         lo = max(0, i0 - REFINE)
         hi = min(len(x) - w, i0 + REFINE)
-        share, r, i, gain2 = self._pursue(x[lo + w - fw : hi + w], yf)
+        share, r, i = self._pursue(x[lo + w - fw : hi + w], yf)
         if i is not None:  # the first copy is x[lo + i ...]: the one at lag max_lag - (lo + i)
             self.lag = self.max_lag - (lo + i) + self.offset
-        self._hold_coupling(share, gain2, x, self.lag if i is not None else None)
         return share, r, (x, lo, hi)
 
-    def _hold_coupling(self, share: float, gain2: float, x: np.ndarray, lag: int | None) -> None:
-        """Track the echo path's power gain from fits that explain most of the capture (the
-        far end alone there: a user who talks over it would only lower the share) at the lag
-        of such a fit at least ``CONFIRM_S`` earlier (an echo path stays put; another
-        talker's voice that happens to fit a stretch of the far end does so for a syllable,
-        at a lag of its own): it jumps up at once (to the smaller gain of the two), and
-        decays by ``COUPLING_DECAY_DB`` per second of capture otherwise."""
-        n = RATE // 100
-        k = len(x) // n
-        self._far_peak = float(np.max(np.einsum("ij,ij->i", x[: k * n].reshape(k, n), x[: k * n].reshape(k, n))))
-        elapsed = min(0.1, (self._near_pos - self._coupling_pos) / RATE)  # fitted time only
-        self._coupling_pos = self._near_pos
-        self.coupling *= 10.0 ** (-COUPLING_DECAY_DB * elapsed / 10.0)
-        if share < 0.5 or lag is None:
-            return
-        pos = self._near_pos
-        fits = self._fits
-        while fits and fits[0][0] < pos - KEEP_FITS_S * RATE:
-            fits.popleft()
-        for p, q, g in fits:
-            if pos - p < CONFIRM_S * RATE:
-                break
-            if abs(lag - q) <= LAG_AGREE:
-                self.coupling = max(self.coupling, min(g, gain2))
-                break
-        fits.append((pos, lag, gain2))
-
-    def _pursue(self, seg: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, int | None, float]:
+    def _pursue(self, seg: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, int | None]:
         """Greedy matching pursuit: up to ``taps`` scaled copies ``seg[i : i + len(y)]`` taken
-        out of ``y``: (share explained, the rest, the first copy's offset or None, the energy
-        explained over the first copy's own: the path's power gain)."""
+        out of ``y``: (share explained, the rest, the first copy's offset or None)."""
         n = len(y)
         ey = float(np.dot(y, y))
         cs = np.concatenate(([0.0], np.cumsum(seg * seg)))
@@ -225,7 +186,6 @@ class EchoLeakDetector:
         r = y.copy()
         share = 0.0
         first = None
-        e_first = 0.0
         for k in range(self.taps):
             c = np.correlate(seg, r, "valid")
             score = np.where(ok, c * c / np.where(ok, ex, 1.0), 0.0)
@@ -235,12 +195,10 @@ class EchoLeakDetector:
             r -= (c[i] / ex[i]) * seg[i : i + n]
             if k == 0:
                 first = i
-                e_first = float(ex[i])
             share = 1.0 - float(np.dot(r, r)) / ey
             if k == 0 and share < 0.1:
                 break
-        share = max(0.0, min(1.0, share))
-        return share, r, first, (share * ey / e_first if e_first > 0.0 else 0.0)
+        return max(0.0, min(1.0, share)), r, first
 
     def near_rest(self) -> np.ndarray:
         """What the far-end copies leave of the newest two capture frames (20 ms, float64, one
@@ -259,21 +217,23 @@ class EchoLeakDetector:
         if found is not None:
             x, lo, hi = found
             w = self.window
-            _, r2, _, _ = self._pursue(x[lo + w - 2 * n : hi + w], self._near[-2 * n :].astype(np.float64))
+            _, r2, _ = self._pursue(x[lo + w - 2 * n : hi + w], self._near[-2 * n :].astype(np.float64))
             if float(np.dot(r2, r2)) < float(np.dot(r, r)):
                 r = r2
         return r
 
-    @property
     def far_peak(self) -> float:
-        """Energy of the loudest 10 ms of far end the last fit searched (0: none)."""
-        return self._far_peak
-
-    def echo_ceiling(self) -> float:
-        """Energy (sum of squares over 10 ms) of the loudest echo the path could put in the
-        newest capture frame, after :meth:`near_rest`: the held coupling times the loudest
-        10 ms of far end within the lags searched. 0 where no fit has found an echo path."""
-        return self.coupling * self._far_peak
+        """Energy (sum of squares) of the loudest 10 ms of far end within the lags searched
+        for the newest capture frame (0: none). No fit: cheap enough for every frame."""
+        pos, peak = self._peak
+        if pos != self._near_pos:
+            n = RATE // 100
+            x = self._far_segment()
+            k = len(x) // n
+            f = x[: k * n].reshape(k, n)
+            peak = float(np.max(np.einsum("ij,ij->i", f, f))) if k else 0.0
+            self._peak = (self._near_pos, peak)
+        return peak
 
     def near_bound(self) -> float:
         """Energy (sum of squares over 10 ms) that the near end can at most have put in the

@@ -198,6 +198,9 @@ class SimConfig:
     response_delay_ms: int = 0
     #: emit ``response.output_audio_transcript.delta`` phrases alongside the audio.
     transcripts: bool = False
+    #: keep the audio each session received (``SimSessionRecord.audio``: what the service
+    #: heard, for tests and offline checks of a client's uplink; memory grows 32 KB/s).
+    keep_audio: bool = False
 
     # --- turn detection (§5.1, §5.4) ---
     vad_mode: int = 2

@@ -1,7 +1,7 @@
 """What the simulator saw and did, per connection, for tests to assert on.
 
 Audio is summarised (byte counts, not samples) so a long soak test does not hold every
-appended frame in memory.
+appended frame in memory, unless ``SimConfig.keep_audio`` asks for the samples.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ class SimSessionRecord:
     closed: int | None = None
     #: True while the connection's handler is running
     live: bool = True
+    #: (arrival monotonic, PCM16 16 kHz) of every accepted append, with ``keep_audio`` only
+    audio: list[tuple[float, bytes]] = field(default_factory=list)
 
     def log_received(self, obj: dict[str, Any]) -> None:
         self.received.append((time.monotonic(), obj))

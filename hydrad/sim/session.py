@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -404,6 +405,8 @@ class SimSession:
             self._error(INVALID_REQUEST, TOO_FAST_MESSAGE, event_id=event_id)
             self._close(C.CLOSE_NORMAL, "audio sent faster than real time")
             return
+        if self._cfg.keep_audio:
+            self.record.audio.append((time.monotonic(), pcm))
         assert self._vad is not None
         events = self._vad.feed(pcm)
         for i, ev in enumerate(events):

@@ -37,6 +37,8 @@ class AudioRig:
     stats: list[dict[str, Any]] = field(default_factory=list)     # every STATS
     device: list[dict[str, Any]] = field(default_factory=list)    # every DEVICE
     captures: list[float] = field(default_factory=list)           # arrival (monotonic) of CAPTURE frames
+    capture_log: list[tuple[float, bytes]] = field(default_factory=list)  # (t_adc, pcm) of each, if asked
+    log_captures: bool = False
     played: list[dict[str, Any]] = field(default_factory=list)    # every PLAYED
 
     async def wait_for(self, pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
@@ -95,6 +97,8 @@ async def audio_daemon(va: VirtualAudio, *, sim_config: SimConfig | None = None,
 
             def on_capture(t_adc: float, pcm: bytes) -> None:
                 rig.captures.append(time.monotonic())
+                if rig.log_captures:
+                    rig.capture_log.append((t_adc, pcm))
                 orig_capture(t_adc, pcm)
 
             daemon.on_capture = on_capture  # type: ignore[method-assign]
