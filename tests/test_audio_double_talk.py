@@ -156,8 +156,9 @@ async def barge_in_trials(rig: AudioRig, va: VirtualAudio, prompt_wav: Path, sto
                            timeout=20, what=f"trial {j}: answer audio")
         answer_id = rig.events("response_audio_started")[n_audio + 1].fields.get("response_id")
         res["answered"].append(await played_out(rig, answer_id, f"trial {j}: answer"))
-        flushed = [f for f in rig.flushed if f.get("response_id") == reply_id]
-        assert flushed, f"trial {j}: the reply was not flushed"
+        flushed = [f for f in rig.flushed if f["_t"] >= t_fed]   # the barge-in's flush
+        assert flushed, (f"trial {j}: nothing flushed after the barge-in (reply {reply_id}): "
+                         f"{rig.flushed}\n{_trace(rig, feeds)}")
         kept, talk, whole = kept_share(stop_wav, rig, t_fed, float(flushed[0]["t_silent"]))
         res["kept"].append(round(kept, 3))
         res["talk"].append(talk)
@@ -189,7 +190,7 @@ async def test_barge_in_is_heard_whatever_the_echo_path(vaudio_factory, prompt, 
     assert all(res["cut"]), f"the reply was not cut: {res['cut']}"
     assert all(res["answered"]), f"answers played in full: {res['answered']}"
     kept = sum(k * n for k, n in zip(res["kept"], res["talk"])) / sum(res["talk"])
-    assert sum(res["talk"]) >= 10 * N_TRIALS // 2, res["talk"]   # 200 ms of double talk each, or so
+    assert min(res["talk"]) >= 3, res["talk"]   # the speaker goes silent 80-250 ms into the user
     assert kept >= KEPT_MIN, f"voiced frames reaching the uplink uncut during double talk: {kept:.2f} ({res})"
     assert min(res["whole"]) >= KEPT_MIN, f"voiced frames reaching the uplink uncut: {res['whole']}"
     assert aec["double_talk_frames"] > 0 and 0 <= aec["double_talk_cut_frames"] <= aec["double_talk_frames"], aec

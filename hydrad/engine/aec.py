@@ -376,6 +376,7 @@ class EchoCanceller:
         self.double_talk_cut_frames = 0      # ... that went up 10 dB or more under the mic
         self._keep_mix = 0.0                 # share of that rest in the previous frame's output
         self._mic_hist = np.zeros(CAP_N + APM_LATENCY, np.float32)
+        self._alt = np.zeros(CAP_N, np.float32)  # what a kept frame sends
         self._far_thr16 = CAP_N * 32768.0 * 32768.0 * 10 ** (self.far_active_dbfs / 10.0)
         self.coupling = EchoCoupling(min_far=self._far_thr16)  # the echo path's strength
         self.dump: AecDump | None = None     # set by the engine from HYDRAD_AEC_DUMP
@@ -648,9 +649,15 @@ class EchoCanceller:
             hist = self._mic_hist  # the capture, delayed as AEC3's output is (for keep)
             hist[:-CAP_N] = hist[CAP_N:]
             hist[-CAP_N:] = f
-            far_peak = self._leak.far_peak() if active and self._leak is not None else 0.0
+            leak = self._leak
+            far_peak = leak.far_peak() if active and leak is not None else 0.0
+            rest, rest_fast = self._lazy_rest() if leak is not None else (None, None)
             if t_adc is not None:
-                self.coupling.frame(active, e_in, far_peak)
+                e_rest = None
+                if rest_fast is not None and self.coupling.measuring and far_peak > 0.0:
+                    r = rest_fast()[-CAP_N:]
+                    e_rest = float(np.dot(r, r))
+                self.coupling.frame(active, e_in, far_peak, e_rest)
             if gate_active:
                 np.copyto(f, view, casting="unsafe")
                 e_out = float(np.dot(f, f))
@@ -662,39 +669,53 @@ class EchoCanceller:
                     self._win_n = min(self._win_n + 1, self._win)
                     self.far_active_frames += 1
                 if self._gate_ratio:
-                    verdict, talk = self._judge(e_in, e_in_recent, e_out, far_peak)
+                    verdict, talk = self._judge(e_in, e_in_recent, e_out, far_peak, rest, rest_fast)
             dst = out[s : s + CAP_N]
-            self._apply(dst, verdict)
+            self._apply(dst, verdict, rest_fast)
             if talk and active:
                 self.double_talk_frames += 1
                 if float(np.dot(dst.astype(np.float32), dst.astype(np.float32))) * 10.0 < e_in:
                     self.double_talk_cut_frames += 1
             if self.dump is not None:
                 flags = (("a" if gate_active else "") + ("L" if verdict is Verdict.LEAK else "")
-                         + ("K" if verdict is Verdict.KEEP else "") + ("0" if verdict.muted else ""))
+                         + ("K" if verdict is Verdict.KEEP_MIC else "R" if verdict is Verdict.KEEP_REST else "")
+                         + ("0" if verdict.muted else ""))
                 self.dump.near(seg, dst, None if t_adc is None else t_adc + s / CAPTURE_RATE, flags)
         self._t_cap.add(time.perf_counter_ns() - t_start, n // CAP_N)
         return out.tobytes() if as_bytes else out
 
-    def _judge(self, e_in: float, e_in_recent: float, e_out: float,
-               far_peak: float) -> tuple[Verdict, bool]:
+    def _lazy_rest(self) -> tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]:
+        """What the far-end copies leave of the newest 20 ms, fitted on first call only: the
+        full fit (the leak rule's), and the fit at the known lag (the keep rule's and the
+        coupling's; the full fit's result once there is one)."""
+        leak = self._leak
+        full: list[np.ndarray] = []
+        fast: list[np.ndarray] = []
+
+        def rest() -> np.ndarray:
+            if not full:
+                full.append(leak.near_rest())  # type: ignore[union-attr]
+            return full[0]
+
+        def rest_fast() -> np.ndarray:
+            if full:
+                return full[0]
+            if not fast:
+                fast.append(leak.near_rest_at_known_lag())  # type: ignore[union-attr]
+            return fast[0]
+        return rest, rest_fast
+
+    def _judge(self, e_in: float, e_in_recent: float, e_out: float, far_peak: float,
+               rest: Callable[[], np.ndarray] | None,
+               rest_fast: Callable[[], np.ndarray] | None) -> tuple[Verdict, bool]:
         """The gate's verdict on a far-end-active frame (``hydrad.engine.echo_gate``), its
         hold and counters kept: (verdict, whether the frame is double talk). ``far_peak``: the loudest 10 ms of far end within the echo lags
-        (0 in the gate's tail after the far end, or without the leak check)."""
-        leak = self._leak
-        rest = None
-        ceiling, path_known = 0.0, False
-        if leak is not None:
-            fitted: list[np.ndarray] = []
-
-            def rest() -> np.ndarray:  # the fit runs at most once a frame, and only if asked
-                if not fitted:
-                    fitted.append(leak.near_rest())
-                return fitted[0]
-
-            path_known = self.coupling.value is not None and far_peak >= self._far_thr16
-            ceiling = self.coupling.ceiling(far_peak)
-        frame = GateFrame(e_in, e_in_recent, e_out, rest, ceiling, path_known)
+        (0 in the gate's tail after the far end, or without the leak check); ``rest``: the
+        lazy fits (None without the leak check)."""
+        c = self.coupling
+        path_known = rest is not None and c.value is not None and far_peak >= self._far_thr16
+        frame = GateFrame(e_in, e_in_recent, e_out, rest, rest_fast, c.ceiling(far_peak),
+                          c.rest_ceiling(far_peak), path_known)
         verdict = decide(frame, self._gate_ratio, self._gate_hold > 0)
         if verdict.muted:
             self.gated_frames += 1
@@ -703,21 +724,26 @@ class EchoCanceller:
                 self._gate_hold = 0
         elif verdict.opens:
             self._gate_hold = HOLD_FRAMES
-            if verdict is Verdict.KEEP:
+            if verdict.kept:
                 self.kept_frames += 1
         elif verdict is Verdict.HELD:
             self._gate_hold -= 1
         return verdict, double_talk(frame)
 
-    def _apply(self, dst: np.ndarray, verdict: Verdict) -> None:
+    def _apply(self, dst: np.ndarray, verdict: Verdict, rest: Callable[[], np.ndarray] | None) -> None:
         """Write what goes up of the APM's output frame (``_cap_view``) into ``dst``: muted,
-        passed, or (**keep**) the microphone delayed as AEC3's output is, ramped from the
-        previous frame's gain and source over the frame (no click, no step at the edge)."""
+        passed, or kept (the microphone, or what the far-end copies leave of it, delayed as
+        AEC3's output is), ramped from the previous frame's gain and source over the frame
+        (no click, no step at the edge)."""
         view = self._cap_view
         f = self._cap_f
         g0, g1 = self._gate_gain, 0.0 if verdict.muted else 1.0
-        m0, m1 = self._keep_mix, 1.0 if verdict is Verdict.KEEP else 0.0
+        m0, m1 = self._keep_mix, 1.0 if verdict.kept else 0.0
         self._gate_gain, self._keep_mix = g1, m1
+        if verdict is Verdict.KEEP_REST and rest is not None:
+            self._alt[:] = rest()[-CAP_N - APM_LATENCY : -APM_LATENCY]
+        elif m0 or m1:  # keep_mic, or fading out of a kept run
+            self._alt[:] = self._mic_hist[-CAP_N - APM_LATENCY : -APM_LATENCY]
         if g1 == g0 == 1.0 and not (m0 or m1):
             dst[:] = view
             return
@@ -725,7 +751,7 @@ class EchoCanceller:
         if m0 or m1:
             ramp = m0 + (m1 - m0) * self._gate_ramp
             f *= 1.0 - ramp
-            f += ramp * self._mic_hist[-CAP_N - APM_LATENCY : -APM_LATENCY]
+            f += ramp * self._alt
         if g0 != 1.0 or g1 != 1.0:
             f *= g0 + (g1 - g0) * self._gate_ramp
         np.rint(f, out=f)

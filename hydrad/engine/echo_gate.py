@@ -16,15 +16,17 @@ far end is active (played within the gate's tail), in this order:
    that happens to fit the far end's, ``hydrad.engine.echo_coupling``). Muted.
 2. **near**: AEC3 took less than 6 dB out and more than -55 dBFS is left: a user talking over
    the reply. Passed; the gate then stays open 200 ms (word edges).
-3. **keep**: AEC3 took 6 dB or more out of a frame louder than -55 dBFS that is 10 dB
-   above the loudest echo the measured path makes (:mod:`hydrad.engine.echo_coupling`): at
-   least nine tenths of it is not the far end's. AEC3's suppressor has eaten a user it
-   cannot tell from an echo it never converged on (no echo path, or one too weak to
-   converge on: a directional mic, a headset, a speaker facing away) or is still
-   suppressing as double talk begins. The microphone itself goes up for that frame
-   (delayed as AEC3's output is), and the gate stays open as for **near**. Only once the
+3. **keep**: AEC3 took 6 dB or more out of a frame louder than -55 dBFS that is 3 dB above
+   the loudest echo the measured path makes (:mod:`hydrad.engine.echo_coupling`), and what
+   the far-end copies leave of it is more than -55 dBFS and 10 dB above the most echo they
+   leave on this path (measured with it): the frame holds a user. AEC3's suppressor has
+   eaten one it cannot tell from an echo it never converged on (no echo path, or one too
+   weak to converge on: a directional mic, a headset, a speaker facing away), or is still
+   suppressing as double talk begins. What goes up instead (delayed as AEC3's output is):
+   the microphone itself where the frame is 10 dB above any echo (**keep_mic**), else what
+   the copies leave (**keep_rest**); the gate stays open as for **near**. Only once the
    path is measured (at the start of the first reply) and the far end is in the leak
-   check's view: before that the ceiling means nothing.
+   check's view (the copies need it: no keep without the leak check).
 4. **held**: within 200 ms of **near** or **keep**: passed.
 5. **residual**: AEC3 took ``gate_db`` or more out: what is left is residual echo (AEC3
    re-aligning after a small step leaks -55..-70 dBFS, enough for a server VAD). Muted.
@@ -55,12 +57,14 @@ NEAR_RATIO = 10.0 ** (6.0 / 10.0)  # AEC3 took less than 6 dB out: near-end spee
 KEEP_RATIO = 4.0              # AEC3 left 6 dB less than the copies do
 KEEP_SHARE = 0.5              # the copies leave at least half of the frame
 KEEP_OVER_ECHO = 10.0         # 10 dB above the loudest echo the path has made
+ABOVE_ECHO = 2.0              # 3 dB above it: something else is in the frame
 
 
 class Verdict(enum.Enum):
     PASS = "pass"             # AEC3's output goes up
     NEAR = "near"             # ... a user talking over the reply: the gate holds open
-    KEEP = "keep"             # the microphone goes up (AEC3 ate a user): the gate holds open
+    KEEP_MIC = "keep_mic"     # AEC3 ate a user: the microphone goes up, the gate holds open
+    KEEP_REST = "keep_rest"   # ... what the far-end copies leave of it goes up
     HELD = "held"             # AEC3's output goes up: within the hold
     LEAK = "leak"             # muted: AEC3 lost the echo path
     RESIDUAL = "residual"     # muted: residual echo
@@ -70,8 +74,12 @@ class Verdict(enum.Enum):
         return self in (Verdict.LEAK, Verdict.RESIDUAL)
 
     @property
+    def kept(self) -> bool:
+        return self in (Verdict.KEEP_MIC, Verdict.KEEP_REST)
+
+    @property
     def opens(self) -> bool:
-        return self in (Verdict.NEAR, Verdict.KEEP)
+        return self is Verdict.NEAR or self.kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +87,10 @@ class Frame:
     """One 10 ms frame as the gate sees it.
 
     ``rest``: what the far-end copies leave of the newest 20 ms of capture (None: no leak
-    check; a callable so the fit, the costly part, runs only where the leak rule needs it).
-    ``ceiling``: the loudest echo the path could put in the frame (0: none measured).
+    check; a callable so the fit, the costly part, runs only where a rule needs it);
+    ``rest_fast``: the same at the lag fitted last (cheaper: the keep rule's, on every frame).
+    ``ceiling``: the loudest echo the path could put in the frame (0: none measured);
+    ``rest_ceiling``: the most of it the far-end copies could leave.
     ``path_known``: the far end has played long enough, in the fitter's view, for
     ``ceiling`` to mean something."""
 
@@ -88,7 +98,9 @@ class Frame:
     e_in_recent: float        # the larger of it and the previous one (AEC3 trails by 8 ms)
     e_out: float              # AEC3's output for it
     rest: Callable[[], np.ndarray] | None = None
+    rest_fast: Callable[[], np.ndarray] | None = None
     ceiling: float = 0.0
+    rest_ceiling: float = 0.0
     path_known: bool = False
 
 
@@ -97,10 +109,14 @@ def _e(x: np.ndarray) -> float:
 
 
 def keeps(f: Frame) -> bool:
-    """The **keep** rule: AEC3 took 6 dB or more out of a loud frame that the measured echo
-    path cannot account for (10 dB above the loudest echo it makes)."""
-    return (f.path_known and f.e_in > NEAR_MIN_E and f.e_out * KEEP_RATIO < f.e_in
-            and f.e_in > KEEP_OVER_ECHO * f.ceiling)
+    """The **keep** rule: AEC3 took 6 dB or more out of a loud frame that is 3 dB above the
+    loudest echo the measured path makes, and what the far-end copies leave of it is 10 dB
+    above the most echo they leave on this path."""
+    if not (f.path_known and f.rest is not None and f.e_in > NEAR_MIN_E
+            and f.e_out * KEEP_RATIO < f.e_in and f.e_in > KEEP_OVER_ECHO * f.rest_ceiling):
+        return False
+    e_rest = _e((f.rest_fast or f.rest)()[-FRAME:])
+    return e_rest > NEAR_MIN_E and e_rest > KEEP_OVER_ECHO * f.rest_ceiling
 
 
 def leaks(f: Frame, gate_ratio: float) -> bool:
@@ -126,7 +142,7 @@ def decide(f: Frame, gate_ratio: float, held: bool) -> Verdict:
     if f.e_out * NEAR_RATIO > f.e_in and f.e_out > NEAR_MIN_E:
         return Verdict.NEAR
     if keeps(f):
-        return Verdict.KEEP
+        return Verdict.KEEP_MIC if f.e_in > KEEP_OVER_ECHO * f.ceiling else Verdict.KEEP_REST
     if held:
         return Verdict.HELD
     if f.e_out * gate_ratio <= f.e_in:
@@ -136,5 +152,5 @@ def decide(f: Frame, gate_ratio: float, held: bool) -> Verdict:
 
 def double_talk(f: Frame) -> bool:
     """Does the frame hold a user talking over the reply (for the canceller's double-talk
-    figures): loud, and 10 dB above any echo the measured path could put in it."""
-    return f.path_known and f.e_in > NEAR_MIN_E and f.e_in > KEEP_OVER_ECHO * f.ceiling
+    figures): loud, and 3 dB above any echo the measured path could put in it."""
+    return f.path_known and f.e_in > NEAR_MIN_E and f.e_in > ABOVE_ECHO * f.ceiling
