@@ -242,7 +242,8 @@ async def run_client(kind: str, va: VirtualAudio, utt: dict[str, Path], args: ar
                 cfg = config_from_dict({
                     "hydra": {"url": url},
                     "audio": {"backend": "sounddevice", "block_ms": args.block_ms,
-                              "sounddevice": {"output_rate": SPEAKER_RATE}},
+                              "sounddevice": {"output_rate": SPEAKER_RATE},
+                              **({"aec": args.aec} if args.aec else {})},
                     "control": {"enabled": False},
                 }, "bench")
                 daemon = Daemon(cfg, Secret("bench-key", "bench"), bus=bus)
@@ -306,6 +307,7 @@ async def run_client(kind: str, va: VirtualAudio, utt: dict[str, Path], args: ar
             await trio.sleep(2.0)
             if daemon is not None:
                 out["device"] = daemon.engine.ready_info.get("output")
+                out["aec"] = daemon.engine.ready_info.get("aec")
                 out["uplink_latency_ms_self"] = list(daemon.uplink_latency_ms)
                 out["engine_stats"] = daemon.engine.last_stats
                 daemon.request_stop()
@@ -407,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--block-ms", type=int, default=10, choices=(5, 10, 20))
     ap.add_argument("--only", choices=("hydrad", "baseline"))
+    ap.add_argument("--aec", choices=("off", "webrtc", "auto"),
+                    help="hydrad's audio.aec (default: the daemon's default, auto = webrtc on these devices)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (utterances, baseline log)")
@@ -477,6 +481,11 @@ def report(res: dict[str, Any]) -> None:
         print(f"\ndevice: hydrad {dev.get('name')} {dev.get('rate')} Hz, PortAudio output latency "
               f"{(dev.get('latency') or 0) * 1000:.1f} ms, measured DAC delay {st.get('dac_delay_ms')} ms; "
               f"underruns {st.get('underruns')}, status flags {st.get('status_flags')}")
+        a = st.get("aec") or {}
+        print(f"echo canceller: hydrad audio.aec {h.get('aec')}"
+              + (f"; kept {a.get('kept_frames')} frames, double talk {a.get('double_talk_frames')} "
+                 f"(cut {a.get('double_talk_cut_frames')}), gated {a.get('gated_frames')}, "
+                 f"coupling {a.get('echo_coupling_db')} dB" if a else ""))
     if b and b.get("device"):
         print(f"        baseline OutputStream {b['device'].get('rate')} Hz, PortAudio output latency "
               f"{b['device'].get('latency', 0) * 1000:.1f} ms; ALSA underrun messages "

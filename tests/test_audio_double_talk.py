@@ -179,6 +179,7 @@ async def test_barge_in_is_heard_whatever_the_echo_path(vaudio_factory, prompt, 
                                         step=echo if path == "step" else None)
             await trio.sleep(1.1)
             aec = next(s["aec"] for s in reversed(rig.stats) if s.get("aec"))
+            echo = rig.daemon.status()["echo"]  # what `hydrad ctl status` shows
             bad = self_interruptions(rig, feeds)
             trace = _trace(rig, feeds) if bad or not all(res["detected"]) else ""
     print(f"\necho path {path}: {res}; kept {aec.get('kept_frames')} frames, gated {aec.get('gated_frames')} "
@@ -194,6 +195,12 @@ async def test_barge_in_is_heard_whatever_the_echo_path(vaudio_factory, prompt, 
     assert kept >= KEPT_MIN, f"voiced frames reaching the uplink uncut during double talk: {kept:.2f} ({res})"
     assert min(res["whole"]) >= KEPT_MIN, f"voiced frames reaching the uplink uncut: {res['whole']}"
     assert aec["double_talk_frames"] > 0 and 0 <= aec["double_talk_cut_frames"] <= aec["double_talk_frames"], aec
+    # the canceller's own figure agrees in kind with the one measured against the mic feed
+    assert aec["double_talk_cut_frames"] <= 0.2 * aec["double_talk_frames"], aec
+    assert echo is not None and echo["kept_frames"] == aec["kept_frames"], (echo, aec)
+    assert echo["double_talk_frames"] == aec["double_talk_frames"] and echo["coupling_db"] == aec["echo_coupling_db"]
+    if PATHS[path] is not None and path != "step":
+        assert abs(aec["echo_coupling_db"] - PATHS[path]) < 6.0, aec   # the path as the rig sets it
 
 
 async def test_control_without_a_canceller_every_barge_in_is_heard(vaudio_factory, prompt, utterances):  # noqa: F811

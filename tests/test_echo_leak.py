@@ -157,3 +157,58 @@ def test_skipped_capture_keeps_the_far_end_in_step():
         assert det.fit()[0] > 0.999
         lags[skip] = det.lag
     assert lags == {True: 640, False: 640 - 3 * N}, lags
+
+
+def test_the_pre_delay_moves_the_lags_searched_and_the_far_peak_follows():
+    """With the canceller's pre-delay (a 700 ms Bluetooth path: 550 ms held back) the far end
+    reaches the fitter 55 frames late: without ``offset`` the lags it searches hold no far
+    end at all (the leak check and the keep rule would see none), with it the echo is fitted
+    at its whole lag and ``far_peak`` is the far end's level."""
+    far = load_wav16("hello")[:32000]
+    lag = 700 * 16
+    mic = delayed(far, lag)
+    for offset in (0, 550 * 16):
+        det = EchoLeakDetector()
+        det.offset = offset
+        for j in range(len(mic) // N):  # far frame k reaches it 53 frames late (the ring)
+            if j >= 53:
+                k = j - 53
+                det.reference(far[k * N : (k + 1) * N])
+            det.capture(mic[j * N : (j + 1) * N])
+        peak = det.far_peak()
+        rest = det.near_rest()
+        e = float(np.dot(mic[-N:], mic[-N:]))
+        if offset == 0:
+            assert peak == 0.0
+        else:
+            assert peak > 10 * e
+            assert float(np.dot(rest[-N:], rest[-N:])) < 1e-3 * e
+            assert abs(det.lag - lag) <= 2
+
+
+def test_the_fit_at_the_known_lag_matches_the_full_fit_on_an_echo():
+    far = load_wav16("hello")[:16000]
+    mic = delayed(far, 40 * 16)
+    det = EchoLeakDetector()
+    fast, full = [], []
+    for j in feed(det, far, mic):
+        if j > 30 and j % 5 == 0:
+            full.append(det.near_rest())
+            fast.append(det.near_rest_at_known_lag())
+    e = float(np.dot(mic, mic)) / (len(mic) / N)
+    assert det._known_lag is not None
+    for a, b in zip(full, fast):
+        assert float(np.dot(b[-N:], b[-N:])) < max(2 * float(np.dot(a[-N:], a[-N:])), 1e-4 * e)
+
+
+def test_far_peak_is_the_loudest_10_ms_of_far_end_in_reach():
+    det = EchoLeakDetector()
+    far = np.zeros(16000)
+    far[8000:8160] = 1000.0             # one loud block
+    for j in feed(det, far, np.zeros(16000)):
+        if j == 40:                     # 400 ms: the block (at 500 ms) is not yet in reach
+            assert det.far_peak() == 0.0
+        if j in (60, 85):               # lags -50..300 ms, plus the 80 ms window
+            assert det.far_peak() == pytest.approx(160 * 1000.0**2, rel=1e-6)
+        if j == 95:
+            assert det.far_peak() == 0.0

@@ -311,7 +311,9 @@ def test_engine_counter_reset_without_a_pid_is_detected() -> None:
 
 def test_echo_canceller_figures_are_exported_and_in_each_turn_line() -> None:
     stats: dict = {"pid": 7, "aec": {"erle_db": 55.5, "residual_echo_dbfs": -94.0, "path_delay_ms": 48.0,
-                                      "gated_frames": 120, "leak_frames": 9, "resyncs": 2}}
+                                      "gated_frames": 120, "leak_frames": 9, "resyncs": 2, "kept_frames": 30,
+                                      "echo_coupling_db": -19.5, "double_talk_frames": 40,
+                                      "double_talk_cut_frames": 4}}
     buf = io.StringIO()
     configure_logging(LogConfig(), buf)
     m = Metrics(engine_stats=lambda: stats, clock=FakeClock(1000.0))
@@ -321,10 +323,18 @@ def test_echo_canceller_figures_are_exported_and_in_each_turn_line() -> None:
     assert value(sm, "hydrad_echo_gated_frames_total") == 120
     assert value(sm, "hydrad_echo_leak_frames_total") == 9
     assert value(sm, "hydrad_echo_resyncs_total") == 2
+    assert value(sm, "hydrad_echo_kept_frames_total") == 30
+    assert value(sm, "hydrad_echo_double_talk_frames_total") == 40
+    assert value(sm, "hydrad_echo_double_talk_cut_frames_total") == 4
+    assert value(sm, "hydrad_echo_coupling_db") == -19.5
     run_script(m)
     turns = [json.loads(line) for line in buf.getvalue().splitlines() if json.loads(line)["event"] == "turn.completed"]
     assert turns and all(t["echo_erle_db"] == 55.5 and t["echo_gated_frames"] == 120
-                         and t["echo_leak_frames"] == 9 for t in turns)
+                         and t["echo_leak_frames"] == 9 and t["echo_kept_frames"] == 30 for t in turns)
+    # double talk per turn: the first turn has all of it, the next none (the counters did not move)
+    assert len(turns) >= 2
+    assert (turns[0]["echo_double_talk_frames"], turns[0]["echo_double_talk_cut_share"]) == (40, 0.1)
+    assert all(t["echo_double_talk_frames"] == 0 and t["echo_double_talk_cut_share"] is None for t in turns[1:])
     # without a canceller: no echo series, no echo fields
     stats["aec"] = None
     assert not any(n.startswith("hydrad_echo_") for n, _ in samples(m.metrics_text()))

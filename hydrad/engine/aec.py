@@ -77,7 +77,7 @@ import numpy as np
 import soxr
 
 from hydrad.engine.echo_coupling import EchoCoupling
-from hydrad.engine.echo_gate import APM_LATENCY, HOLD_FRAMES, NEAR_MIN_E, Verdict, decide, double_talk
+from hydrad.engine.echo_gate import APM_LATENCY, HOLD_FRAMES, STEADY_FRAMES, Verdict, decide, double_talk
 from hydrad.engine.echo_gate import Frame as GateFrame
 from hydrad.engine.echo_leak import EchoLeakDetector
 
@@ -88,6 +88,7 @@ MAX_APM_RATE = 48000
 CAP_N = CAPTURE_RATE // 100   # 160 samples
 _GATE_TAIL_S = 0.5            # the gate watches this long after the far end (room tail + path)
 _RESYNC_FRAMES = 3            # the far end's lead on the capture moved this many frames: resync
+_DAC_STEP_S = 0.005           # the output's DAC timeline moved this much between two blocks
 _INSTALL_HINT = (
     "audio.aec = \"webrtc\" needs livekit's AudioProcessingModule: "
     "pip install 'livekit>=1.2,<2' (the 'aec' extra: pip install 'hydrad[aec]'). "
@@ -190,7 +191,7 @@ class AecDump:
     unknown) and ``order.txt`` (one line per 10 ms capture frame: how many far-end frames had
     come before it, so the two streams line up as the canceller saw them whatever the clocks
     said, its ``t_adc``, and what the gate did: ``a`` far end active, ``L`` leak check
-    muted, ``0`` muted, ``-`` none; a line ``reset`` where the device was reopened). A fresh
+    muted, ``K``/``R`` kept (the mic / the delay line's rest went up), ``0`` muted, ``-`` none; a line ``reset`` where the device was reopened). A fresh
     canceller fed the same way makes the same decisions (``bench/aec_dump.py --replay``).
     Turned on by ``HYDRAD_AEC_DUMP=<dir>`` in the engine's environment; about 200 KB/s at
     48 kHz. Written by the thread that runs the canceller."""
@@ -315,6 +316,9 @@ class EchoCanceller:
         self._far_thr = 0.0
         self._pushed_end: float | None = None  # t_dac of the end of the newest pushed frame
         self.reference_frames = 0            # 10 ms frames given to the APM
+        self._ref_base: float | None = None  # t_dac of the stream's sample 0, per the newest block
+        self.output_steps = 0                # times it stepped (read by the capture side)
+        self._steps_seen = 0
         self.pushed_frames = 0               # ... put into the pre-delay ring (resync padding included)
         self._ref_pad = 0                    # resync: far-end frames of silence to put in
         self._cap_count = 0                  # capture frames processed, resync silence included
@@ -433,6 +437,10 @@ class EchoCanceller:
         # APM-rate sample k of this stream plays at base + k / ref_rate (decimation and
         # soxr streams are time-aligned with their input; the newest block anchors the map)
         base = None if t_dac is None else t_dac - p_block / rate
+        if base is not None:  # the output timeline stepped: a stall re-buffered the playback
+            if self._ref_base is not None and abs(base - self._ref_base) > _DAC_STEP_S:
+                self.output_steps += 1
+            self._ref_base = base
         fn = self.ref_n
         i = 0
         tmp = self._ref_tmp
@@ -473,6 +481,7 @@ class EchoCanceller:
         self._ref_in_rate = rate
         self._ref_in_pos = self._ref_out_pos = 0
         self._ref_acc_n = 0
+        self._ref_base = None
         if apm_rate != self.ref_rate:
             self.ref_rate = apm_rate
             self.ref_n = fn = apm_rate // 100
@@ -714,8 +723,16 @@ class EchoCanceller:
         lazy fits (None without the leak check)."""
         c = self.coupling
         path_known = rest is not None and c.value is not None and far_peak >= self._far_thr16
+        leak = self._leak
+        if leak is not None and self.output_steps != self._steps_seen:
+            self._steps_seen = self.output_steps
+            leak.moved_at = leak.position  # the echo path moves with the output's timeline
+
+        def steady() -> bool:
+            return leak is None or leak.steady(STEADY_FRAMES * CAP_N)
+
         frame = GateFrame(e_in, e_in_recent, e_out, rest, rest_fast, c.ceiling(far_peak),
-                          c.rest_ceiling(far_peak), path_known)
+                          c.rest_ceiling(far_peak), path_known, steady)
         verdict = decide(frame, self._gate_ratio, self._gate_hold > 0)
         if verdict.muted:
             self.gated_frames += 1
@@ -828,6 +845,8 @@ class EchoCanceller:
         # is not near-end speech in the new one
         self._e_in_prev = 0.0
         self._mic_hist[:] = 0.0
+        if self._leak is not None:
+            self._leak.forget_lag()
         if self.dump is not None:
             self.dump.reset()
         # the far-end activity stays: the gate keeps watching across the reopen (AEC3's
@@ -859,6 +878,7 @@ class EchoCanceller:
             "reference_dropped": self.reference_dropped,
             "resyncs": self.resyncs,
             "resync_frames": self.resync_frames,
+            "output_steps": self.output_steps,
             "path_delay_ms": None if d is None else round(d * 1000.0, 1),
             "predelay_ms": self.predelay_frames * 10,
             "delay_ms": self.delay_ms,

@@ -16,10 +16,13 @@ far end is active (played within the gate's tail), in this order:
    that happens to fit the far end's, ``hydrad.engine.echo_coupling``). Muted.
 2. **near**: AEC3 took less than 6 dB out and more than -55 dBFS is left: a user talking over
    the reply. Passed; the gate then stays open 200 ms (word edges).
-3. **keep**: AEC3 took 6 dB or more out of a frame louder than -55 dBFS that is 3 dB above
-   the loudest echo the measured path makes (:mod:`hydrad.engine.echo_coupling`), and what
-   the far-end copies leave of it is more than -55 dBFS and 10 dB above the most echo they
-   leave on this path (measured with it): the frame holds a user. AEC3's suppressor has
+3. **keep**: AEC3 took 6 dB or more out of a frame louder than -55 dBFS, what the far-end
+   copies leave of it is more than -55 dBFS and 10 dB above the most echo they leave on
+   this path (:mod:`hydrad.engine.echo_coupling` measures both at the start of each
+   reply), and the frame is 3 dB above the loudest echo the path makes or the copies
+   explained at least half of it on a path whose lag has not moved for 300 ms (after a host
+   stall the playback is re-buffered, the lag steps and the fit misses 10-30 dB of the echo
+   for a few frames: not kept): the frame holds a user. AEC3's suppressor has
    eaten one it cannot tell from an echo it never converged on (no echo path, or one too
    weak to converge on: a directional mic, a headset, a speaker facing away), or is still
    suppressing as double talk begins. What goes up instead (delayed as AEC3's output is):
@@ -44,6 +47,7 @@ import numpy as np
 FRAME = 160                   # 10 ms at 16 kHz
 APM_LATENCY = 128             # samples AEC3's output trails its input (8 ms, measured)
 HOLD_FRAMES = 20              # the gate stays open this long after near-end speech
+STEADY_FRAMES = 30            # a path that moved is trusted again after this long
 
 
 def _energy_floor(dbfs: float) -> float:
@@ -55,7 +59,7 @@ LEAK_MIN_E = _energy_floor(-65.0)  # quieter output is no risk
 LEAK_RATIO = 2.0              # AEC3 output 3 dB above its input, or the copies' rest: a leak
 NEAR_RATIO = 10.0 ** (6.0 / 10.0)  # AEC3 took less than 6 dB out: near-end speech
 KEEP_RATIO = 4.0              # AEC3 left 6 dB less than the copies do
-KEEP_SHARE = 0.5              # the copies leave at least half of the frame
+KEEP_SHARE = 0.5              # the copies leave at most half of a frame the echo could fill
 KEEP_OVER_ECHO = 10.0         # 10 dB above the loudest echo the path has made
 ABOVE_ECHO = 2.0              # 3 dB above it: something else is in the frame
 
@@ -90,7 +94,9 @@ class Frame:
     check; a callable so the fit, the costly part, runs only where a rule needs it);
     ``rest_fast``: the same at the lag fitted last (cheaper: the keep rule's, on every frame).
     ``ceiling``: the loudest echo the path could put in the frame (0: none measured);
-    ``rest_ceiling``: the most of it the far-end copies could leave.
+    ``rest_ceiling``: the most of it the far-end copies could leave; ``path_steady``: has
+    the fitted lag not moved (nor the device reopened) for ``STEADY_FRAMES``, asked after
+    the fit (which may find the move).
     ``path_known``: the far end has played long enough, in the fitter's view, for
     ``ceiling`` to mean something."""
 
@@ -102,6 +108,7 @@ class Frame:
     ceiling: float = 0.0
     rest_ceiling: float = 0.0
     path_known: bool = False
+    path_steady: Callable[[], bool] = lambda: True
 
 
 def _e(x: np.ndarray) -> float:
@@ -109,14 +116,20 @@ def _e(x: np.ndarray) -> float:
 
 
 def keeps(f: Frame) -> bool:
-    """The **keep** rule: AEC3 took 6 dB or more out of a loud frame that is 3 dB above the
-    loudest echo the measured path makes, and what the far-end copies leave of it is 10 dB
-    above the most echo they leave on this path."""
+    """The **keep** rule: AEC3 took 6 dB or more out of a loud frame, what the far-end copies
+    leave of it is 10 dB above the most echo they leave on this path, and either the frame
+    is 3 dB above the loudest echo the path makes or the copies explained at least half of
+    it (a user under the echo, found by fitting the echo out)."""
     if not (f.path_known and f.rest is not None and f.e_in > NEAR_MIN_E
             and f.e_out * KEEP_RATIO < f.e_in and f.e_in > KEEP_OVER_ECHO * f.rest_ceiling):
         return False
     e_rest = _e((f.rest_fast or f.rest)()[-FRAME:])
-    return e_rest > NEAR_MIN_E and e_rest > KEEP_OVER_ECHO * f.rest_ceiling
+    if e_rest <= NEAR_MIN_E or e_rest <= KEEP_OVER_ECHO * f.rest_ceiling:
+        return False
+    # a frame the echo could fill: a user under it only if the copies explained most of it
+    # on a path that has not just moved (a stall re-buffers the playback: the fit then
+    # misses 10-30 dB of echo for a few frames)
+    return f.e_in > ABOVE_ECHO * f.ceiling or (e_rest <= KEEP_SHARE * f.e_in and f.path_steady())
 
 
 def leaks(f: Frame, gate_ratio: float) -> bool:

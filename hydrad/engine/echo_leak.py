@@ -40,6 +40,7 @@ import numpy as np
 RATE = 16000
 BLOCK = RATE // 100  # 10 ms
 KNOWN_LAG_S = 1.0    # how long a fitted lag is trusted without a full search
+LAG_MOVED = 16       # samples (1 ms): the copies found this far from the known lag: a step
 REFINE = 192  # samples (12 ms) either side of the coarse lag where the copies are fitted
 
 
@@ -83,6 +84,7 @@ class EchoLeakDetector:
         self._peak: tuple[int, float] = (-1, 0.0)  # (capture position, far_peak() there)
         self._known_lag: tuple[int, int] | None = None  # (capture position, lag) of the last
                                              # fit that explained most of the capture
+        self.moved_at: int | None = None     # capture position where the path last moved
         self.offset = 0                      # samples added to every lag searched: the
                                              # canceller's pre-delay (set by its capture side)
 
@@ -118,6 +120,8 @@ class EchoLeakDetector:
         its samples stay, so the fit lines up at once (silence put in *now* would blind it for
         a window). The capture's thread."""
         self._near_pos += n
+        self._known_lag = None
+        self.moved_at = self._near_pos
 
     def capture(self, frame: np.ndarray) -> None:
         """The next capture samples at 16 kHz, as the microphone gave them (before the
@@ -254,12 +258,29 @@ class EchoLeakDetector:
             self._peak = (self._near_pos, peak)
         return peak
 
+    @property
+    def position(self) -> int:
+        """Capture samples counted so far."""
+        return self._near_pos
+
+    def forget_lag(self) -> None:
+        """The streams restarted (a device reopen): search every lag again (and count the
+        path as moved)."""
+        self._known_lag = None
+        self.moved_at = self._near_pos
+
+    def steady(self, samples: int) -> bool:
+        """Has the echo path stayed put for ``samples``: no fit that explained most of the
+        capture at another lag than the known one, no reopen?"""
+        return self.moved_at is None or self._near_pos - self.moved_at >= samples
+
     def near_rest_at_known_lag(self) -> np.ndarray:
         """:meth:`near_rest` from the short fit alone, within ``REFINE`` of the lag of a fit
         that explained most of the capture in the last ``KNOWN_LAG_S`` (no lag search over
         the whole range: about a fifth of the cost, for a test that runs on every frame of a
-        reply); :meth:`near_rest` itself when there is no such lag. An echo path that steps
-        by more than 12 ms falls back to the full fit once the known lag expires."""
+        reply); :meth:`near_rest` itself when there is no such lag, or when the copies at
+        that lag explain under half of the capture (a user talking, or a path that moved:
+        the full search finds the new lag)."""
         known = self._known_lag
         n = RATE // 100
         if known is None or self._near_pos - known[0] > KNOWN_LAG_S * RATE or self._near_pos < self.window:
@@ -275,7 +296,18 @@ class EchoLeakDetector:
             return self.near_rest()
         share, r, i = self._pursue(x[lo + w - 2 * n : hi + w], y)
         if i is not None and share >= 0.5:
-            self._known_lag = (self._near_pos, self.max_lag - (lo + i) + self.offset)
+            lag = self.max_lag - (lo + i) + self.offset
+            if abs(lag - known[1]) > LAG_MOVED:  # a step (a stall re-buffered the playback)
+                self.moved_at = self._near_pos
+            self._known_lag = (self._near_pos, lag)
+            return r
+        # most of it is not the far end at that lag: a user, or a path that moved (a stall,
+        # a reopen); only the full search can tell
+        self._known_lag = None
+        r = self.near_rest()
+        found = self._known_lag  # set again if the full search explained most of it
+        if found is not None and abs(found[1] - known[1]) > LAG_MOVED:
+            self.moved_at = self._near_pos
         return r
 
     def near_bound(self) -> float:

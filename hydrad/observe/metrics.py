@@ -236,6 +236,7 @@ class Metrics:
         self._speech_start_ms: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._speech_ms: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._tool_names: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._double_talk_seen = (0, 0)   # the canceller's (double talk, cut) at the last turn's end
         self._build_event_metrics()
         self.registry.register(_PullCollector(self))
 
@@ -379,13 +380,26 @@ class Metrics:
         self.log.info("turn.completed", **fields)
 
     def _echo_now(self) -> dict[str, Any]:
-        """The canceller's figures at the end of a turn (none when it is off)."""
+        """The canceller's figures at the end of a turn (none when it is off); the double-talk
+        ones cover this turn alone (since the previous turn ended; a restarted engine
+        counts from zero)."""
         aec = (self._call("engine_stats") or {}).get("aec")
         if not isinstance(aec, Mapping):
             return {}
+        talk, cut = aec.get("double_talk_frames"), aec.get("double_talk_cut_frames")
+        turn_talk = turn_cut = None
+        if isinstance(talk, int) and isinstance(cut, int):
+            t0, c0 = self._double_talk_seen
+            if talk < t0 or cut < c0:
+                t0 = c0 = 0
+            turn_talk, turn_cut = talk - t0, cut - c0
+            self._double_talk_seen = (talk, cut)
         return {"echo_erle_db": aec.get("erle_db"), "echo_residual_dbfs": aec.get("residual_echo_dbfs"),
                 "echo_path_delay_ms": aec.get("path_delay_ms"), "echo_gated_frames": aec.get("gated_frames"),
-                "echo_leak_frames": aec.get("leak_frames")}
+                "echo_leak_frames": aec.get("leak_frames"), "echo_kept_frames": aec.get("kept_frames"),
+                "echo_coupling_db": aec.get("echo_coupling_db"), "echo_double_talk_frames": turn_talk,
+                "echo_double_talk_cut_share": (round(turn_cut / turn_talk, 3)
+                                               if turn_talk and turn_cut is not None else None)}
 
     def _on_barge_in(self, f: Mapping[str, Any], ev: Event) -> None:
         self.barge_ins.labels(self.label("barge_in", f.get("trigger"))).inc()
@@ -668,6 +682,8 @@ class _PullCollector(Collector):
                 ("erle_db", "echo_erle_db", 1.0, "Echo return loss enhancement: median over the last 5 s of agent speech."),
                 ("residual_echo_dbfs", "echo_residual_dbfs", 1.0, "Residual echo after the canceller: median level while the agent speaks."),
                 ("path_delay_ms", "echo_path_delay_seconds", 0.001, "Estimated echo path delay (DAC to ADC)."),
+                ("echo_coupling_db", "echo_coupling_db", 1.0,
+                 "The echo path's peak gain (mic over far end), measured at the start of the last reply."),
         ):
             v = aec.get(key)
             if isinstance(v, (int, float)):
@@ -681,6 +697,17 @@ class _PullCollector(Collector):
                                      "Of those, frames muted because the canceller had lost the echo path (leak check).")
         leaked.add_metric([], mono("aec.leak_frames", aec.get("leak_frames")) or 0.0)
         yield leaked
+        for key, metric, doc in (
+                ("kept_frames", "echo_kept_frames",
+                 "Frames AEC3 suppressed as echo that the echo path cannot explain: the user's voice went up instead."),
+                ("double_talk_frames", "echo_double_talk_frames",
+                 "Frames holding the user's voice while the agent played (double talk)."),
+                ("double_talk_cut_frames", "echo_double_talk_cut_frames",
+                 "Of those, frames that went up 10 dB or more under the microphone: the canceller cut the user."),
+        ):
+            fam = CounterMetricFamily(f"{NS}_{metric}", doc)
+            fam.add_metric([], mono(f"aec.{key}", aec.get(key)) or 0.0)
+            yield fam
         resyncs = CounterMetricFamily(f"{NS}_echo_resyncs",
                                       "Times the canceller put its two streams back in step (a stream lost frames).")
         resyncs.add_metric([], mono("aec.resyncs", aec.get("resyncs")) or 0.0)

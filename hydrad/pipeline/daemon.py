@@ -534,6 +534,10 @@ class Daemon(EngineHandlers):
             "gate_db": a.get("gate_db"),                       # residual echo gate threshold
             "gated_frames": a.get("gated_frames"),             # 10 ms frames it muted, cumulative
             "leak_frames": a.get("leak_frames"),               # ... of which AEC3 had lost the path
+            "kept_frames": a.get("kept_frames"),               # the user AEC3 suppressed, sent instead
+            "coupling_db": a.get("echo_coupling_db"),          # echo path's peak gain (reply start)
+            "double_talk_frames": a.get("double_talk_frames"),  # the user over the agent, cumulative
+            "double_talk_cut_frames": a.get("double_talk_cut_frames"),  # ... sent 10 dB+ under the mic
             "resyncs": a.get("resyncs"),                       # streams put back in step (frames lost)
             "capture_us_mean": a.get("capture_us_mean"),
             "worker_latency_us_max": a.get("worker_latency_us_max"),
