@@ -130,16 +130,23 @@ def bench_cpu(passes: int = 3) -> dict[str, Any]:
                         apm.process_stream(cf)
             return step
         ns = kind == "canceller_ns_hpf"
-        c = EchoCanceller(noise_suppression=ns, high_pass_filter=ns, leak_check=kind != "canceller_no_leak")
+        c = EchoCanceller(noise_suppression=ns, high_pass_filter=ns, leak_check=not kind.endswith("no_leak"))
+        fa, mi = (far_dry, mic_dry) if "_dry" in kind else (far, mic)
 
         def step(k: int) -> None:
-            c.feed_reference(far[k * 480 : (k + 1) * 480], DEV, T0 + k / 100 + L_OUT)
+            c.feed_reference(fa[k * 480 : (k + 1) * 480], DEV, T0 + k / 100 + L_OUT)
             if k % 2:
                 j = (k - 1) * 160
-                c.process_capture(mic[j : j + 320], T0 + j / RATE - L_IN)
+                c.process_capture(mi[j : j + 320], T0 + j / RATE - L_IN)
         return step
 
-    kinds = ["copy", "soxr", "apm_off", "apm_aec", "canceller", "canceller_ns_hpf", "canceller_no_leak"]
+    # the virtual rig's room (issue 19): a dry -20 dB path, the simulator's voice, the user 1 s
+    # into reply 2: the gate's keep rule fits the far end on every frame of a reply there
+    dry = build_scene(delay_s=0.25, far_kind="voice", echo_gain_db=-20.0, reverb=0.0, near_gain_db=-4.0,
+                      far_spans=((0.5, 1.5), (9.0, 14.0)))
+    far_dry, mic_dry, _ = _steps(dry)
+    kinds = ["copy", "soxr", "apm_off", "apm_aec", "canceller", "canceller_ns_hpf", "canceller_no_leak",
+             "canceller_dry", "canceller_dry_no_leak"]
     res: dict[str, Any] = {}
     best: dict[str, tuple[float, list[float], float]] = {}
     for _ in range(passes):  # interleaved, so a burst of load elsewhere hits every variant

@@ -45,7 +45,7 @@ from .audio.fixtures import utterances, vaudio_factory  # noqa: F401  (fixtures)
 from .audio.rig import AudioRig, audio_daemon
 from .audio.vaudio import VirtualAudio, read_wav
 from .test_audio_echo import (  # noqa: F401
-    RATE, Feeds, _trace, echo_path, played_out, prompt, self_interruptions)
+    RATE, Feeds, _trace, echo_path, played_out, prompt, prompt_and_reply, self_interruptions)
 
 pytestmark = [pytest.mark.audio, pytest.mark.slow]
 
@@ -132,11 +132,7 @@ async def barge_in_trials(rig: AudioRig, va: VirtualAudio, prompt_wav: Path, sto
     res: dict[str, list] = {"detected": [], "answered": [], "kept": [], "talk": [], "whole": [], "cut": []}
     rig.log_captures = True
     for j in range(N_TRIALS):
-        n_audio = len(rig.events("response_audio_started"))
-        n_barge = len(rig.events("barge_in"))
-        feeds.play(va, prompt_wav)
-        await rig.wait_for(lambda n=n_audio: len(rig.events("response_audio_started")) > n,
-                           timeout=15, what=f"trial {j}: reply audio")
+        n_audio, n_barge = await prompt_and_reply(rig, va, feeds, prompt_wav, f"trial {j}")
         reply_id = rig.events("response_audio_started")[n_audio].fields.get("response_id")
         if step is not None and j == 1:
             await trio.sleep(0.5)

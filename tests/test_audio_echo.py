@@ -197,6 +197,17 @@ async def played_out(rig: AudioRig, response_id: str, what: str, done_s: float =
     return done()[0].fields.get("status") == "completed"
 
 
+async def prompt_and_reply(rig: AudioRig, va: VirtualAudio, feeds: Feeds, wav: Path, what: str) -> tuple[int, int]:
+    """Play a prompt into the mic and wait for its reply's audio: (responses with audio and
+    barge-ins before it, to find the new ones by)."""
+    n_audio = len(rig.events("response_audio_started"))
+    n_barge = len(rig.events("barge_in"))
+    feeds.play(va, wav)
+    await rig.wait_for(lambda: len(rig.events("response_audio_started")) > n_audio,
+                       timeout=15, what=f"{what}: reply audio")
+    return n_audio, n_barge
+
+
 async def test_without_aec_the_agent_interrupts_itself_through_the_echo(vaudio_factory, prompt):  # noqa: F811
     va = vaudio_factory(rate=RATE)
     feeds = Feeds()
@@ -225,11 +236,7 @@ async def test_with_aec_no_self_interruption_and_barge_in_still_detected(vaudio_
             t_start = time.monotonic()
             detected, stop_ms, full = 0, [], 0
             for j in range(N_TRIALS):
-                n_audio = len(rig.events("response_audio_started"))
-                n_barge = len(rig.events("barge_in"))
-                feeds.play(va, prompt)
-                await rig.wait_for(lambda n=n_audio: len(rig.events("response_audio_started")) > n,
-                                   timeout=15, what=f"trial {j}: reply audio")
+                n_audio, n_barge = await prompt_and_reply(rig, va, feeds, prompt, f"trial {j}")
                 await trio.sleep(1.0)
                 t_fed = time.monotonic()
                 feeds.play(va, utterances["stop"])
