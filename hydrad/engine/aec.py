@@ -660,7 +660,7 @@ class EchoCanceller:
             hist[-CAP_N:] = f
             leak = self._leak
             far_peak = leak.far_peak() if active and leak is not None else 0.0
-            rest, rest_fast = self._lazy_rest() if leak is not None else (None, None)
+            rest, rest_fast = self._lazy_rest() if leak is not None and gate_active else (None, None)
             if t_adc is not None:
                 e_rest = None
                 if rest_fast is not None and self.coupling.measuring and far_peak > 0.0:
