@@ -55,6 +55,11 @@ above ``far_active_dbfs`` was played within ``[t_adc - tail_ms, t_adc_end]``):
 * ``erle_db``: the median of (input dB - output dB) over the same frames, counting only frames
   whose input is above ``erle_floor_dbfs`` (-60: something is audible at the mic).
 
+**Residual echo gate** after AEC3: its rules are :mod:`hydrad.engine.echo_gate` (pure), the
+echo path's strength they need is :mod:`hydrad.engine.echo_coupling` (measured at each
+reply's start), the delay line they compare with is :mod:`hydrad.engine.echo_leak`; this
+module measures each frame, applies the verdict and counts.
+
 ``make_canceller(mode, ...)`` maps ``audio.aec`` (``off`` | ``webrtc`` | ``system``) to an
 :class:`EchoCanceller` or None.
 
@@ -248,7 +253,9 @@ class EchoCanceller:
       either stream loses frames (see ``_track_lead``);
     * ``leak_check`` (True; needs the gate): the gate also mutes frames AEC3 passed at least
       3 dB louder than a delay line fitted to the far end leaves
-      (:class:`~hydrad.engine.echo_leak.EchoLeakDetector`).
+      (:class:`~hydrad.engine.echo_leak.EchoLeakDetector`), and gives back frames AEC3
+      suppressed that the delay line and the measured echo path cannot explain (the keep
+      rule, :mod:`hydrad.engine.echo_gate`: a user AEC3 took for echo).
     """
 
     def __init__(

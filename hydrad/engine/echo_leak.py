@@ -27,6 +27,15 @@ reverberation, the bound is loose and the test simply lets more through: it neve
 what AEC3 handles, so it costs nothing there but CPU, and only in frames where AEC3's output
 is loud during playback (a user talking, or a leak).
 
+The gate's keep rule (issue 19) asks the opposite question on every frame of a reply: is
+most of this frame *not* the far end (a user AEC3 suppressed)? For that,
+:meth:`EchoLeakDetector.near_rest_at_known_lag` fits at the lag found last (a fifth of the
+cost of the full search, which it falls back to when that lag explains under half) and
+records when the lag moves (:meth:`EchoLeakDetector.steady`); :meth:`EchoLeakDetector.far_peak`
+gives the loudest 10 ms of far end in reach from per-block energies. ``offset`` moves the
+lags searched past the canceller's pre-delay (a long path's echo lags the far end by more
+than the 300 ms searched).
+
 Pure numpy, no threads of its own: ``reference`` may be called from another thread than
 ``capture``/``skip_capture``/``fit`` (one lock, held for a copy).
 """
