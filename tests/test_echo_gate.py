@@ -159,3 +159,5 @@ def test_coupling_ignores_frames_without_far_end_in_view_and_a_burst_that_ends_e
 def test_coupling_arguments_are_checked():
     with pytest.raises(ValueError):
         EchoCoupling(window_frames=0)
+    with pytest.raises(ValueError):
+        EchoCoupling(min_far=-1.0)

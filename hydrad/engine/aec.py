@@ -196,7 +196,8 @@ class AecDump:
     unknown) and ``order.txt`` (one line per 10 ms capture frame: how many far-end frames had
     come before it, so the two streams line up as the canceller saw them whatever the clocks
     said, its ``t_adc``, and what the gate did: ``a`` far end active, ``L`` leak check
-    muted, ``K``/``R`` kept (the mic / the delay line's rest went up), ``0`` muted, ``-`` none; a line ``reset`` where the device was reopened). A fresh
+    muted, ``K``/``R`` kept (the mic / the delay line's rest went up), ``0`` muted, ``-``
+    none; a line ``reset`` where the device was reopened). A fresh
     canceller fed the same way makes the same decisions (``bench/aec_dump.py --replay``).
     Turned on by ``HYDRAD_AEC_DUMP=<dir>`` in the engine's environment; about 200 KB/s at
     48 kHz. Written by the thread that runs the canceller."""
@@ -690,7 +691,8 @@ class EchoCanceller:
             self._apply(dst, verdict, rest_fast)
             if talk and active:
                 self.double_talk_frames += 1
-                if float(np.dot(dst.astype(np.float32), dst.astype(np.float32))) * 10.0 < e_in:
+                sent = dst.astype(np.float32)
+                if float(np.dot(sent, sent)) * 10.0 < e_in:
                     self.double_talk_cut_frames += 1
             if self.dump is not None:
                 flags = (("a" if gate_active else "") + ("L" if verdict is Verdict.LEAK else "")
@@ -725,15 +727,16 @@ class EchoCanceller:
                rest: Callable[[], np.ndarray] | None,
                rest_fast: Callable[[], np.ndarray] | None) -> tuple[Verdict, bool]:
         """The gate's verdict on a far-end-active frame (``hydrad.engine.echo_gate``), its
-        hold and counters kept: (verdict, whether the frame is double talk). ``far_peak``: the loudest 10 ms of far end within the echo lags
-        (0 in the gate's tail after the far end, or without the leak check); ``rest``: the
-        lazy fits (None without the leak check)."""
+        hold and counters kept: (verdict, whether the frame is double talk). ``far_peak``:
+        the loudest 10 ms of far end within the echo lags (0 in the gate's tail after the far
+        end, or without the leak check); ``rest``, ``rest_fast``: the lazy fits (None
+        without the leak check)."""
         c = self.coupling
         path_known = rest is not None and c.value is not None and far_peak >= self._far_thr16
         leak = self._leak
         if leak is not None and self.output_steps != self._steps_seen:
             self._steps_seen = self.output_steps
-            leak.moved_at = leak.position  # the echo path moves with the output's timeline
+            leak.mark_moved()  # the echo path moves with the output's timeline
 
         def steady() -> bool:
             return leak is None or leak.steady(STEADY_FRAMES * CAP_N)

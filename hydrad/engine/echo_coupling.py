@@ -33,8 +33,8 @@ class EchoCoupling:
     """
 
     def __init__(self, *, window_frames: int = 40, quiet_frames: int = 30, min_far: float = 0.0) -> None:
-        if window_frames < 1 or quiet_frames < 1:
-            raise ValueError("window_frames and quiet_frames must be >= 1")
+        if window_frames < 1 or quiet_frames < 1 or min_far < 0.0:
+            raise ValueError("window_frames and quiet_frames must be >= 1, min_far >= 0")
         self.window_frames = int(window_frames)
         self.quiet_frames = int(quiet_frames)
         self.min_far = float(min_far)
@@ -65,7 +65,7 @@ class EchoCoupling:
         self._quiet = 0
         if not self._left:
             return
-        if far_peak > self.min_far and far_peak > 0.0:
+        if far_peak > self.min_far:  # > 0 as well: min_far >= 0
             ratio = e_in / far_peak
             if self._peak is None or ratio > self._peak:
                 self._peak = ratio

@@ -44,6 +44,8 @@ from typing import Callable
 
 import numpy as np
 
+from hydrad.engine.echo_leak import bound_of
+
 FRAME = 160                   # 10 ms at 16 kHz
 APM_LATENCY = 128             # samples AEC3's output trails its input (8 ms, measured)
 HOLD_FRAMES = 20              # the gate stays open this long after near-end speech
@@ -142,9 +144,7 @@ def leaks(f: Frame, gate_ratio: float) -> bool:
         return True
     if f.rest is None:
         return False
-    rest = f.rest()
-    bound = max(_e(rest[-FRAME:]), _e(rest[-2 * FRAME : -FRAME]))  # AEC3 trails by 8 ms
-    return f.e_out > LEAK_RATIO * bound
+    return f.e_out > LEAK_RATIO * bound_of(f.rest())
 
 
 def decide(f: Frame, gate_ratio: float, held: bool) -> Verdict:

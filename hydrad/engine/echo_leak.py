@@ -53,6 +53,13 @@ LAG_MOVED = 16       # samples (1 ms): the copies found this far from the known 
 REFINE = 192  # samples (12 ms) either side of the coarse lag where the copies are fitted
 
 
+def bound_of(rest: np.ndarray) -> float:
+    """The near end's bound from a :meth:`EchoLeakDetector.near_rest`: the larger energy of
+    its two 10 ms frames (the canceller's output trails its input by a few ms)."""
+    n = BLOCK
+    return max(float(np.dot(rest[-n:], rest[-n:])), float(np.dot(rest[-2 * n : -n], rest[-2 * n : -n])))
+
+
 class EchoLeakDetector:
     """Delayed copies of the far end in the microphone, found by correlation.
 
@@ -130,7 +137,7 @@ class EchoLeakDetector:
         a window). The capture's thread."""
         self._near_pos += n
         self._known_lag = None
-        self.moved_at = self._near_pos
+        self.mark_moved()
 
     def capture(self, frame: np.ndarray) -> None:
         """The next capture samples at 16 kHz, as the microphone gave them (before the
@@ -267,16 +274,15 @@ class EchoLeakDetector:
             self._peak = (self._near_pos, peak)
         return peak
 
-    @property
-    def position(self) -> int:
-        """Capture samples counted so far."""
-        return self._near_pos
+    def mark_moved(self) -> None:
+        """The echo path moved now (a lag step, the output's timeline stepped, a reopen)."""
+        self.moved_at = self._near_pos
 
     def forget_lag(self) -> None:
         """The streams restarted (a device reopen): search every lag again (and count the
         path as moved)."""
         self._known_lag = None
-        self.moved_at = self._near_pos
+        self.mark_moved()
 
     def steady(self, samples: int) -> bool:
         """Has the echo path stayed put for ``samples``: no fit that explained most of the
@@ -307,7 +313,7 @@ class EchoLeakDetector:
         if i is not None and share >= 0.5:
             lag = self.max_lag - (lo + i) + self.offset
             if abs(lag - known[1]) > LAG_MOVED:  # a step (a stall re-buffered the playback)
-                self.moved_at = self._near_pos
+                self.mark_moved()
             self._known_lag = (self._near_pos, lag)
             return r
         # most of it is not the far end at that lag: a user, or a path that moved (a stall,
@@ -316,13 +322,11 @@ class EchoLeakDetector:
         r = self.near_rest()
         found = self._known_lag  # set again if the full search explained most of it
         if found is not None and abs(found[1] - known[1]) > LAG_MOVED:
-            self.moved_at = self._near_pos
+            self.mark_moved()
         return r
 
     def near_bound(self) -> float:
         """Energy (sum of squares over 10 ms) that the near end can at most have put in the
         newest capture frame: what the far-end copies leave of it (:meth:`near_rest`; the
         larger of the last two frames: the canceller's output trails its input by a few ms)."""
-        n = RATE // 100
-        r = self.near_rest()
-        return max(float(np.dot(r[-n:], r[-n:])), float(np.dot(r[:n], r[:n])))
+        return bound_of(self.near_rest())
