@@ -44,8 +44,9 @@ from hydrad.sim.config import SimConfig
 from .audio.fixtures import utterances, vaudio_factory  # noqa: F401  (fixtures)
 from .audio.rig import AudioRig, audio_daemon
 from .audio.vaudio import VirtualAudio, read_wav
+from .test_aec_scene import frame_db
 from .test_audio_echo import (  # noqa: F401
-    RATE, Feeds, _trace, echo_path, played_out, prompt, prompt_and_reply, self_interruptions)
+    RATE, Feeds, _all_played, _trace, echo_path, played_out, prompt, prompt_and_reply, self_interruptions)
 
 pytestmark = [pytest.mark.audio, pytest.mark.slow]
 
@@ -69,12 +70,6 @@ def maybe_echo(va: VirtualAudio, gain_db: float | None) -> Iterator[object]:
         return
     with echo_path(va, gain_db) as path:
         yield path
-
-
-def _frames_db(x: np.ndarray, n: int) -> np.ndarray:
-    k = len(x) // n
-    f = np.asarray(x[: k * n], np.float64).reshape(k, n)
-    return 10 * np.log10(np.maximum((f * f).mean(axis=1), 1e-3) / 32768.0**2)
 
 
 def _find(ref: np.ndarray, stream: np.ndarray) -> int:
@@ -117,13 +112,25 @@ def kept_share(wav: Path, rig: AudioRig, t_played: float, t_silent: float) -> tu
     r16 = np.clip(np.round(ref), -32768, 32767).astype("<i2")
     k = len(ref) // n20
     voiced = np.array([vad.is_speech(r16[i * n20 : (i + 1) * n20].tobytes(), 16000) for i in range(k)])
-    ref_db, up_db = _frames_db(ref, n20)[:k], _frames_db(up, n20)[:k]
+    ref_db, up_db = frame_db(ref, n20)[:k], frame_db(up, n20)[:k]
     spoken = t_ref[: k * n20 : n20]
     sel = voiced & (ref_db > -40.0)
     kept = up_db > ref_db - KEPT_DB
     talk = sel & (spoken[:k] < t_silent)
     return (float(np.mean(kept[talk])) if talk.any() else float("nan"), int(talk.sum()),
             float(np.mean(kept[sel])))
+
+
+async def quiet(rig: AudioRig, settle_s: float = 1.0, timeout_s: float = 15.0) -> None:
+    """Wait until no new reply has started for ``settle_s`` and everything has played out:
+    the VAD may split an utterance with a pause in it into two turns (two answers), and the
+    next trial must not take the second answer for its prompt's reply."""
+    with trio.fail_after(timeout_s):
+        while True:
+            n = len(rig.events("response_audio_started"))
+            await trio.sleep(settle_s)
+            if len(rig.events("response_audio_started")) == n and _all_played(rig):
+                return
 
 
 async def barge_in_trials(rig: AudioRig, va: VirtualAudio, prompt_wav: Path, stop_wav: Path,
@@ -159,7 +166,7 @@ async def barge_in_trials(rig: AudioRig, va: VirtualAudio, prompt_wav: Path, sto
         res["kept"].append(round(kept, 3))
         res["talk"].append(talk)
         res["whole"].append(round(whole, 3))
-        await trio.sleep(0.5)  # the echo's tail and the VAD's end-of-turn silence
+        await quiet(rig)
     return res
 
 
